@@ -1,0 +1,91 @@
+"""The exact MLA form of one GQA/MHA attention layer.
+
+Per frequency the KV heads are mixed (see rotary.head_mixing); the mixed components that get a slot in
+the shared rotary key keep their rotation, everything else of the keys, and all values, goes into the
+per-head no-rope part that the latent carries. At full latent rank this reproduces the source scores
+exactly when every component with energy has a slot; components without a slot lose their rotation.
+
+All matrices are "augmented": the last column is the bias, so a map is W @ [x; 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rotary import half_split_pairs, head_mixing
+
+Slot = tuple[int, int] | None  # (source frequency index, mixed-component rank) or an empty slot
+
+
+@dataclass
+class SourceAttention:
+    """One source attention layer in float64, biases folded in as a last column."""
+
+    q: torch.Tensor  # [H*d, n+1]
+    k: torch.Tensor  # [G*d, n+1]
+    v: torch.Tensor  # [G*d, n+1]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class MLAForm:
+    """The layer in MLA shape before latent compression."""
+
+    q: torch.Tensor  # [H, d + D, n+1]: no-rope rows (source order), then rope rows (interleaved pairs)
+    k_rope: torch.Tensor  # [D, n+1] the shared rotary key, interleaved pairs
+    kv: torch.Tensor  # [2*G*d, n+1] per KV head no-rope keys, then per KV head values
+    rope_energy: torch.Tensor  # [freqs, G] per-frequency component energy
+    rope_energy_kept: float  # share of rotary key energy that still rotates
+
+
+def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    column = torch.zeros(weight.shape[0], 1, dtype=weight.dtype) if bias is None else bias[:, None]
+    return torch.cat([weight, column.to(weight.dtype)], dim=1)
+
+
+def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float) -> MLAForm:
+    """Rewrite one layer into MLA form with the given rotary slots (see module docstring)."""
+    heads, kv_heads, d = src.num_heads, src.num_kv_heads, src.head_dim
+    feats = src.q.shape[1]
+    a, b = half_split_pairs(d)
+    k_heads = src.k.view(kv_heads, d, feats)
+    q_heads = src.q.view(heads, d, feats) * q_scale
+    pairs = torch.stack([k_heads[:, a], k_heads[:, b]], dim=2).transpose(0, 1)  # [freqs, G, 2, n+1]
+    energy, mix = head_mixing(pairs)
+    components = torch.einsum("fgrx,fgm->fmrx", pairs, mix)  # [freqs, M, 2, n+1]
+
+    rope_dim = 2 * len(slots)
+    k_rope = torch.zeros(rope_dim, feats, dtype=src.k.dtype)
+    q_rope = torch.zeros(heads, rope_dim, feats, dtype=src.q.dtype)
+    k_nope = k_heads.clone()
+    group_of_head = torch.arange(heads) // src.group
+    kept = 0.0
+    for j, slot in enumerate(slots):
+        if slot is None:
+            continue
+        freq, comp = slot
+        k_rope[2 * j : 2 * j + 2] = components[freq, comp]
+        weights = mix[freq, :, comp]  # [G]: how much of this component each KV head holds
+        for pos, row in enumerate((a[freq], b[freq])):
+            q_rope[:, 2 * j + pos] = weights[group_of_head, None] * q_heads[:, row]
+            k_nope[:, row] -= weights[:, None] * components[freq, comp, pos][None, :]
+        kept += float(energy[freq, comp])
+
+    q = torch.cat([q_heads, q_rope], dim=1)
+    kv = torch.cat([k_nope.reshape(kv_heads * d, feats), src.v], dim=0)
+    total = float(energy.sum())
+    return MLAForm(
+        q=q,
+        k_rope=k_rope,
+        kv=kv,
+        rope_energy=energy,
+        rope_energy_kept=kept / total if total > 0 else 1.0,
+    )

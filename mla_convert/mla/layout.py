@@ -1,0 +1,67 @@
+"""Lay the MLA form of one layer out as stock DeepSeek-V3 tensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .exact import MLAForm
+from .factorize import Factors
+from .latent_norm import LATENT_NORM_EPS, SAFETY, epsilon_regime_scale
+
+
+@dataclass
+class LayerTensors:
+    tensors: dict[str, torch.Tensor]  # suffix under model.layers.{i}.self_attn. -> tensor
+    latent_scale: float
+
+
+def attention_tensors(
+    form: MLAForm,
+    factors: Factors,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    input_bound: float,
+    keep_bias: bool,
+    o_proj: torch.Tensor,
+) -> LayerTensors:
+    """DeepSeek-V3 attention tensors; with keep_bias the query bias rides on a pass-through q latent."""
+    feats = form.q.shape[-1]
+    n = feats - 1
+    group = num_heads // num_kv_heads
+    root_eps = math.sqrt(LATENT_NORM_EPS)
+    s = epsilon_regime_scale(factors.down, input_bound)
+    out: dict[str, torch.Tensor] = {}
+
+    q = form.q.reshape(-1, feats)
+    if keep_bias:
+        s_q = SAFETY * root_eps * math.sqrt(feats) / input_bound
+        out["q_a_proj.weight"] = s_q * torch.eye(feats, n, dtype=q.dtype)
+        bias = torch.zeros(feats, dtype=q.dtype)
+        bias[-1] = s_q
+        out["q_a_proj.bias"] = bias
+        out["q_a_layernorm.weight"] = torch.full((feats,), root_eps / s_q, dtype=q.dtype)
+        out["q_b_proj.weight"] = q
+    else:
+        out["q_proj.weight"] = q[:, :n]
+
+    kv_a = torch.cat([s * factors.down, form.k_rope], dim=0)
+    out["kv_a_proj_with_mqa.weight"] = kv_a[:, :n]
+    if keep_bias:
+        out["kv_a_proj_with_mqa.bias"] = kv_a[:, n]
+    rank = factors.down.shape[0]
+    out["kv_a_layernorm.weight"] = torch.full((rank,), root_eps / s, dtype=kv_a.dtype)
+
+    kv_rows = num_kv_heads * head_dim
+    k_up = factors.up[:kv_rows].view(num_kv_heads, head_dim, rank)
+    v_up = factors.up[kv_rows:].view(num_kv_heads, head_dim, rank)
+    per_head = torch.cat([k_up, v_up], dim=1).repeat_interleave(group, dim=0)  # [H, 2d, r]
+    out["kv_b_proj.weight"] = per_head.reshape(num_heads * 2 * head_dim, rank)
+    out["o_proj.weight"] = o_proj
+    if keep_bias:
+        out["o_proj.bias"] = torch.zeros(o_proj.shape[0], dtype=o_proj.dtype)
+    return LayerTensors(tensors=out, latent_scale=s)

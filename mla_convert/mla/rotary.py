@@ -1,0 +1,73 @@
+"""Rotary bookkeeping: source frequencies, the target frequency ladder, and per-frequency head mixing.
+
+RoPE rotates each 2-D pair of a head by one frequency. Mixing the KV heads of one frequency with a
+scalar matrix commutes with that rotation, so per frequency we may rotate across heads to gather the
+rotary energy into as few components as possible; each component then needs one rotary slot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def source_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    """The source's per-pair inverse frequencies (float64) and the attention scale its rope applies to cos/sin."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    base = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    default = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if rope_type == "default":
+        return default, 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.to(torch.float64), float(scaling)
+
+
+def half_split_pairs(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of the two members of each rotary pair in the Llama half-split layout."""
+    half = head_dim // 2
+    first = torch.arange(half)
+    return first, first + half
+
+
+def ladder(rope_dim: int, theta: float) -> torch.Tensor:
+    """The plain frequency ladder every serving engine computes for a DeepSeek rotary key."""
+    return 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+
+
+def portable_theta(source_theta: float, rope_dim: int, head_dim: int, stride: int = 1) -> float:
+    """The rope_theta whose ladder of rope_dim/2 frequencies is every stride-th source frequency."""
+    return source_theta ** (stride * rope_dim / head_dim)
+
+
+def match_ladder(target: torch.Tensor, source: torch.Tensor, rel_tol: float = 1e-4) -> list[int | None]:
+    """For each target slot, the source frequency it reproduces exactly (None where none matches)."""
+    matches: list[int | None] = []
+    used: set[int] = set()
+    log_src = torch.log(source)
+    for freq in target.tolist():
+        gaps = (log_src - math.log(freq)).abs()
+        best = int(torch.argmin(gaps))
+        if gaps[best] <= rel_tol and best not in used:
+            matches.append(best)
+            used.add(best)
+        else:
+            matches.append(None)
+    return matches
+
+
+def head_mixing(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frequency, the orthogonal mix of KV heads that concentrates rotary energy.
+
+    pairs: [freqs, heads, 2, features] key rows of each head's rotary pair.
+    Returns (energy [freqs, heads] descending, mix [freqs, heads, heads]) where component m of
+    frequency i is sum_g mix[i, g, m] * pairs[i, g].
+    """
+    gram = torch.einsum("fgrx,fhrx->fgh", pairs, pairs)
+    energy, mix = torch.linalg.eigh(gram)
+    energy, mix = energy.flip(-1).clamp_min(0), mix.flip(-1)
+    return energy, mix

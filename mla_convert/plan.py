@@ -1,0 +1,258 @@
+"""The conversion plan: target profile, latent and rotary widths, slot layout, dtype.
+
+Everything here is decided from the config and the flags (plus cheap key-weight energies for the
+transformers profile) and validated before any heavy work, so bad flags fail in a second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConversionError
+from .families import Family, family_for, has_qkv_bias
+from .mla.exact import Slot
+from .mla.latent_norm import LATENT_NORM_EPS
+from .mla.rotary import ladder, match_ladder, portable_theta, source_inv_freq
+
+TARGETS = ("portable", "transformers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes and settings of the source that the conversion depends on."""
+
+    arch: str
+    family: Family
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    qkv_bias: bool
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str
+    tied: bool
+
+    @property
+    def kv_elements(self) -> int:
+        """KV cache elements per token per layer of the source (K and V of every KV head)."""
+        return 2 * self.kv_heads * self.head_dim
+
+
+@dataclass
+class Plan:
+    target: str
+    geometry: Geometry
+    rope_dim: int
+    rope_theta: float
+    kv_rank: int
+    full_kv_rank: int
+    slots: list[Slot]
+    slot_inv_freq: torch.Tensor  # float64 frequency of each slot (ladder value for empty portable slots)
+    dtype: torch.dtype
+    keep_bias: bool
+    q_scale: float
+    residual_scale: float
+    split_reason: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def kv_elements(self) -> int:
+        return self.kv_rank + self.rope_dim
+
+    @property
+    def nope_dim(self) -> int:
+        return self.geometry.head_dim
+
+    @property
+    def compressed(self) -> bool:
+        return self.kv_rank < self.full_kv_rank
+
+
+def geometry_of(config: Any) -> Geometry:
+    family = family_for(config)
+    heads = config.num_attention_heads
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Geometry(
+        arch=(getattr(config, "architectures", None) or [config.model_type])[0],
+        family=family,
+        hidden=config.hidden_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+        qkv_bias=has_qkv_bias(family, config),
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        rope_type=rope.get("rope_type", "default"),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def make_plan(
+    config: Any,
+    *,
+    target: str = "portable",
+    kv_rank: int | None = None,
+    rope_dim: int | None = None,
+    kv_budget: float | None = None,
+    dtype: str = "auto",
+    key_energy: Callable[[], torch.Tensor] | None = None,
+) -> Plan:
+    """Decide the conversion.
+
+    key_energy is called, only when the transformers profile must choose among rotary components, for
+    the [layers, freqs, kv_heads] energies of the mixed key components.
+    """
+    if target not in TARGETS:
+        raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    geo = geometry_of(config)
+    d, kv = geo.head_dim, geo.kv_heads
+    if d % 2:
+        raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
+    max_rope = d if target == "portable" else kv * d
+    warnings: list[str] = []
+
+    if kv_budget is not None and (kv_rank is not None or rope_dim is not None):
+        raise ConversionError("--kv-budget chooses --kv-rank and --rope-dim itself; pass either the budget or ranks")
+    if rope_dim is not None:
+        _check_rope_dim(rope_dim, max_rope, target)
+    if kv_budget is not None:
+        if not 0 < kv_budget <= 1:
+            raise ConversionError(f"--kv-budget must be in (0, 1], got {kv_budget}")
+        total = math.floor(kv_budget * geo.kv_elements)
+        rope_dim = min(max_rope if target == "transformers" else d, max(2, 2 * (total // 6)))
+        kv_rank = total - rope_dim
+        if kv_rank < 1:
+            raise ConversionError(
+                f"--kv-budget {kv_budget} leaves {total} cache elements per token, too few for a rotary key "
+                f"and a latent; the smallest usable budget is {3 / geo.kv_elements:.4f}"
+            )
+        split_reason = (
+            f"budget {kv_budget} of {geo.kv_elements} = {total} elements: rope {rope_dim} (a third, even, "
+            f"at most {max_rope}), latent {kv_rank}"
+        )
+    else:
+        split_reason = "ranks given on the command line" if kv_rank or rope_dim else "full size (lossless map)"
+    if rope_dim is None:
+        rope_dim = max_rope
+
+    inv_freq, rope_scaling = source_inv_freq(config, d)
+    if target == "portable":
+        theta = portable_theta(geo.rope_theta, rope_dim, d)
+        slot_freq = ladder(rope_dim, theta)
+        matches = match_ladder(slot_freq, inv_freq)
+        slots: list[Slot] = [None if i is None else (i, 0) for i in matches]
+        empty = sum(1 for s in slots if s is None)
+        if empty:
+            warnings.append(
+                f"{empty} of {len(slots)} rotary slots match no source frequency (rope type '{geo.rope_type}'); "
+                "those source frequencies lose their rotation"
+            )
+    else:
+        theta = geo.rope_theta
+        slots = _best_components(inv_freq, kv, rope_dim // 2, key_energy)
+        slot_freq = torch.stack([inv_freq[i] for i, _ in slots])  # type: ignore[misc]
+
+    slot_count = [0] * (d // 2)
+    for s in slots:
+        if s is not None:
+            slot_count[s[0]] += 1
+    structural = 2 * sum(kv - c for c in slot_count) + kv * d
+    full_kv_rank = min(structural, geo.hidden + (1 if geo.qkv_bias and target == "transformers" else 0))
+    if kv_rank is None:
+        kv_rank = full_kv_rank
+    if kv_rank < 1 or kv_rank > full_kv_rank:
+        raise ConversionError(
+            f"--kv-rank must be between 1 and {full_kv_rank} (the lossless latent width for this model and "
+            f"rope width), got {kv_rank}"
+        )
+
+    keep_bias = geo.qkv_bias and target == "transformers"
+    if geo.qkv_bias and target == "portable":
+        warnings.append(
+            "the source has q/k/v biases, which serving engines' DeepSeek attention cannot hold; the portable "
+            "profile drops them (use --target transformers for an exact map)"
+        )
+    if target == "transformers":
+        warnings.append(
+            "--target transformers uses per-dimension rotary frequencies"
+            + (" and attention biases" if keep_bias else "")
+            + "; vLLM and SGLang load it but compute it wrongly: serve only with transformers"
+        )
+
+    resolved_dtype = _resolve_dtype(dtype, config)
+    source_scale = d**-0.5 * rope_scaling**2
+    target_scale = (d + rope_dim) ** -0.5
+    return Plan(
+        target=target,
+        geometry=geo,
+        rope_dim=rope_dim,
+        rope_theta=theta,
+        kv_rank=kv_rank,
+        full_kv_rank=full_kv_rank,
+        slots=slots,
+        slot_inv_freq=slot_freq,
+        dtype=resolved_dtype,
+        keep_bias=keep_bias,
+        q_scale=source_scale / target_scale,
+        residual_scale=math.sqrt(LATENT_NORM_EPS / geo.rms_norm_eps),
+        split_reason=split_reason,
+        warnings=warnings,
+    )
+
+
+def _check_rope_dim(rope_dim: int, max_rope: int, target: str) -> None:
+    if rope_dim < 2 or rope_dim % 2:
+        raise ConversionError(f"--rope-dim must be a positive even number, got {rope_dim}")
+    if rope_dim > max_rope:
+        raise ConversionError(
+            f"--rope-dim {rope_dim} is larger than the lossless width {max_rope} for --target {target}"
+        )
+
+
+def _best_components(
+    inv_freq: torch.Tensor, kv_heads: int, count: int, key_energy: Callable[[], torch.Tensor] | None
+) -> list[Slot]:
+    """Pick `count` (frequency, component) pairs for the transformers profile, fastest first within ties.
+
+    With every slot available all components are kept; otherwise components are ranked by their key
+    energy summed over layers, weighted by how far they rotate within 64 tokens (slow frequencies lose
+    little when they stop rotating).
+    """
+    freqs = inv_freq.numel()
+    candidates = [(i, m) for i in range(freqs) for m in range(kv_heads)]
+    if count < len(candidates):
+        if key_energy is None:
+            raise ConversionError("internal: key energies are needed to choose rotary components")
+        weight = key_energy().sum(0) * torch.clamp(inv_freq[:, None] * 64.0, max=1.0)
+        candidates.sort(key=lambda c: -float(weight[c]))
+        candidates = candidates[:count]
+    return sorted(candidates, key=lambda c: (-float(inv_freq[c[0]]), c[1]))
+
+
+def _resolve_dtype(dtype: str, config: Any) -> torch.dtype:
+    if dtype == "auto":
+        src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(src, str):
+            src = DTYPES.get(src, torch.float32)
+        resolved = src if isinstance(src, torch.dtype) else torch.float32
+        return torch.bfloat16 if resolved == torch.float16 else resolved
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    if dtype == "float16":
+        raise ConversionError(
+            "--dtype float16 cannot hold the tiny latent scale that keeps DeepSeek's latent norm linear; "
+            "to resolve, use --dtype bfloat16 (same size) or float32"
+        )
+    return DTYPES[dtype]

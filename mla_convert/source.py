@@ -1,0 +1,225 @@
+"""Resolve MODEL_IN (local directory, hub id or .gguf file) and give lazy access to its tensors.
+
+Safetensors checkpoints are read one tensor at a time through memory-mapped `safe_open` handles, so
+converting never needs the whole model in memory. GGUF files are dequantized through transformers'
+GGUF support, which materialises the model once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class Source:
+    """A resolved source checkpoint: its config, where it lives and how to read tensors by name."""
+
+    label: str  # what the user passed, for reports
+    root: Path  # directory holding config/tokenizer files
+    config: Any  # a transformers PretrainedConfig
+    gguf_file: str | None = None
+    _shards: dict[str, Path] = field(default_factory=dict)  # tensor name -> shard file
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # GGUF: in memory
+
+    def names(self) -> list[str]:
+        return list(self._tensors) if self._tensors is not None else list(self._shards)
+
+    def has(self, name: str) -> bool:
+        return name in (self._tensors if self._tensors is not None else self._shards)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor; a missing name or a damaged shard becomes a ConversionError."""
+        if self._tensors is not None:
+            if name not in self._tensors:
+                raise ConversionError(f"tensor '{name}' is missing from {self.label}")
+            return self._tensors[name]
+        path = self._shards.get(name)
+        if path is None:
+            raise ConversionError(f"tensor '{name}' is missing from {self.label}")
+        try:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = _open_safetensors(path)
+            return handle.get_tensor(name)
+        except ConversionError:
+            raise
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise ConversionError(f"cannot read tensor '{name}' from {path.name}: {_short(exc)}") from exc
+
+    def tokenizer_files(self) -> Iterator[Path]:
+        for name in TOKENIZER_FILES:
+            if (self.root / name).is_file():
+                yield self.root / name
+
+    def generation_config_file(self) -> Path | None:
+        path = self.root / "generation_config.json"
+        return path if path.is_file() else None
+
+
+def resolve(model_in: str) -> Source:
+    """Turn MODEL_IN into a Source, checking that it is complete before any heavy work starts."""
+    path = Path(model_in).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ConversionError(f"GGUF file not found: {path}")
+        return _gguf_source(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"MODEL_IN must be a model directory, a hub id or a .gguf file: {path}")
+        return _directory_source(path, label=str(path))
+    if _looks_like_path(model_in):
+        raise ConversionError(f"model path not found: {path}")
+    return _directory_source(_download(model_in), label=model_in)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) or text.count("/") != 1
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch config, tokenizer and safetensors of a hub model into the normal Hugging Face cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:
+        raise ConversionError(
+            f"cannot fetch '{repo_id}' from the Hugging Face hub ({_short(exc)}); "
+            "to resolve, pass a local directory or check the id and your network"
+        ) from exc
+    return Path(local)
+
+
+def _directory_source(root: Path, label: str) -> Source:
+    if not (root / "config.json").is_file():
+        raise ConversionError(f"no config.json in {root}; MODEL_IN must be a Hugging Face model directory")
+    config = _load_config(root, label)
+    shards = _index_shards(root, label)
+    return Source(label=label, root=root, config=config, _shards=shards)
+
+
+def _load_config(root: Path, label: str, gguf_file: str | None = None) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        if gguf_file is None:
+            json.loads((root / "config.json").read_text())
+        return AutoConfig.from_pretrained(str(root), gguf_file=gguf_file)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"config.json in {label} is not valid JSON ({exc.msg})") from exc
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConversionError(f"cannot read the config of {label}: {_short(exc)}") from exc
+
+
+def _index_shards(root: Path, label: str) -> dict[str, Path]:
+    index = root / "model.safetensors.index.json"
+    single = root / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ConversionError(f"{index.name} in {label} is damaged ({_short(exc)})") from exc
+        shards = {name: root / file for name, file in weight_map.items()}
+        for file in sorted(set(shards.values())):
+            if not file.is_file():
+                raise ConversionError(f"shard {file.name} listed in {index.name} is missing from {label}")
+            _check_safetensors(file)
+        return shards
+    if single.is_file():
+        _check_safetensors(single)
+        return {name: single for name in _open_safetensors(single).keys()}
+    if any(root.glob("*.safetensors")):
+        files = sorted(root.glob("*.safetensors"))
+        shards = {}
+        for file in files:
+            _check_safetensors(file)
+            shards.update({name: file for name in _open_safetensors(file).keys()})
+        return shards
+    if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
+        raise ConversionError(
+            f"{label} holds only pickle weights (.bin/.pt), which can run code when loaded; "
+            "to resolve, convert them to safetensors first"
+        )
+    raise ConversionError(f"no safetensors weights in {label}")
+
+
+def _open_safetensors(path: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:
+        raise ConversionError(f"{path.name} is not a readable safetensors file ({_short(exc)})") from exc
+
+
+def _check_safetensors(path: Path) -> None:
+    """Catch truncated or corrupt shards up front: the header must parse and the data must all be there."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length is out of range")
+            header = json.loads(fh.read(header_len))
+    except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path.name} is not a valid safetensors file ({_short(exc)})") from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ConversionError(f"{path.name} is truncated: {size} bytes on disk, {8 + header_len + end} expected")
+
+
+def _gguf_source(path: Path) -> Source:
+    """Dequantize a GGUF file through transformers and keep its tensors in memory."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ConversionError("reading .gguf needs the 'gguf' package: pip install gguf") from exc
+    from transformers import AutoModelForCausalLM
+
+    root, name = path.parent, path.name
+    config = _load_config(root, str(path), gguf_file=name)
+    from .families import family_for
+
+    family_for(config)  # refuse unsupported models before the slow dequantization
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=name, dtype=torch.float32)
+    except Exception as exc:
+        raise ConversionError(f"cannot load GGUF file {path}: {_short(exc)}") from exc
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    return Source(label=str(path), root=root, config=model.config, gguf_file=name, _tensors=tensors)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

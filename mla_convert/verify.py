@@ -1,0 +1,73 @@
+"""Check a written checkpoint against its source: logits on a fixed text, and the live cache width.
+
+This is the converter's own proof of exactness (or of how far the approximation goes), measured with
+stock transformers on the files exactly as written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .report import Verification
+from .source import Source
+
+CHECK_TEXT = (
+    "The history of the bicycle begins in the early nineteenth century, when inventors in Europe built "
+    "wooden machines that riders pushed along with their feet. Over the following decades, pedals, chains "
+    "and air-filled tyres turned these curiosities into practical vehicles, and by the eighteen-nineties "
+    "cycling clubs, races and touring guides had spread across many countries. Cities changed as well: "
+    "roads were paved, repair shops opened, and workers could live farther from the factories where they "
+    "worked. Today engineers still study the surprisingly subtle question of why a moving bicycle stays upright."
+)
+
+
+def load_source_model(source: Source) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if source._tensors is None:
+        return AutoModelForCausalLM.from_pretrained(str(source.root), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32)
+    model.load_state_dict(source._tensors, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def check_tokens(source: Source, count: int, vocab: int, seed: int) -> torch.Tensor:
+    """Token ids of the built-in English text when a tokenizer is available, else seeded random ids."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(source.root), gguf_file=source.gguf_file)
+        ids = tok(CHECK_TEXT, return_tensors="pt").input_ids[:, :count]
+        if ids.shape[1] >= 16:
+            return ids
+    except Exception:
+        pass
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, count), generator=gen)
+
+
+@torch.no_grad()
+def verify(source: Source, converted_dir: Path, *, tokens: int = 128, seed: int = 0) -> Verification:
+    from transformers import AutoModelForCausalLM
+
+    ids = check_tokens(source, tokens, source.config.vocab_size, seed)
+    reference = load_source_model(source)
+    ref_logits = reference(ids).logits.float()
+    del reference
+    model = AutoModelForCausalLM.from_pretrained(str(converted_dir), dtype=torch.float32).eval()
+    out = model(ids, use_cache=True)
+    logits = out.logits.float()
+    layer0 = out.past_key_values.layers[0]
+    cache_width = layer0.keys.shape[1] * layer0.keys.shape[-1] + layer0.values.shape[1] * layer0.values.shape[-1]
+    ref_logp, logp = ref_logits.log_softmax(-1), logits.log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+    return Verification(
+        tokens=ids.shape[1],
+        max_abs_logit_diff=float((logits - ref_logits).abs().max()),
+        top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
+        kl_mean=float(kl),
+        measured_cache_elements=int(cache_width),
+    )

@@ -1,0 +1,155 @@
+"""Write the output checkpoint atomically: safetensors shards + index, config, tokenizer, card, report.
+
+Everything goes into a temporary directory beside MODEL_OUT and is renamed into place only when
+complete, so an interrupted or failed run never leaves something that looks like a finished model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import ConversionError
+
+TMP_PREFIX = ".mla-convert-tmp-"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class ShardWriter:
+    """Collect tensors and write them as `model-0000i-of-0000N.safetensors` shards of bounded size."""
+
+    def __init__(self, directory: Path, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory = directory
+        self.dtype = dtype
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to(self.dtype).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        _guard_disk(lambda: save_file(self._pending, str(self.directory / f"shard-{index}.tmp"), {"format": "pt"}))
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Name the shards for their final count and write the index when there is more than one."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            os.replace(self.directory / "shard-0.tmp", self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / f"shard-{i}.tmp", self.directory / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        write_json(self.directory / "model.safetensors.index.json", index)
+
+
+def write_json(path: Path, data: Any) -> None:
+    _guard_disk(lambda: path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+
+
+def write_text(path: Path, text: str) -> None:
+    _guard_disk(lambda: path.write_text(text))
+
+
+def copy_file(src: Path, dst_dir: Path) -> None:
+    _guard_disk(lambda: shutil.copyfile(src, dst_dir / src.name))
+
+
+def _guard_disk(action: Any) -> None:
+    try:
+        action()
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC
+            raise ConversionError("no space left on the device while writing the output") from exc
+        raise
+
+
+def check_output_path(model_in: Path | None, model_out: Path, force: bool) -> None:
+    """Refuse outputs that would overwrite the input or an existing directory (without --force)."""
+    out = model_out.expanduser().resolve()
+    if model_in is not None:
+        src = model_in.expanduser().resolve()
+        src_dir = src.parent if src.is_file() else src
+        if out == src_dir or src_dir in out.parents or (src.is_file() and out == src):
+            raise ConversionError(f"MODEL_OUT {model_out} is inside MODEL_IN; choose a directory outside it")
+    if out.exists() and not force:
+        raise ConversionError(f"{model_out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{model_out} exists and is not a directory")
+    if not out.parent.exists():
+        raise ConversionError(f"the parent directory of {model_out} does not exist")
+
+
+def clean_stale_temps(model_out: Path) -> None:
+    """Remove temporary directories that an earlier killed run left beside MODEL_OUT."""
+    parent = model_out.expanduser().resolve().parent
+    for stale in parent.glob(f"{TMP_PREFIX}{model_out.name}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return pid != os.getpid()
+
+
+@contextlib.contextmanager
+def atomic_output(model_out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp directory; on success move it to MODEL_OUT, on any failure remove it."""
+    out = model_out.expanduser().resolve()
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+    final_tmp = tmp.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
+    os.replace(tmp, final_tmp)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield final_tmp
+        if out.exists():
+            if not force:
+                raise ConversionError(f"{model_out} appeared while converting; pass --force to replace it")
+            old = out.with_name(f"{TMP_PREFIX}{out.name}-old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(final_tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(final_tmp, out)
+    except BaseException:
+        shutil.rmtree(final_tmp, ignore_errors=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
