@@ -14,8 +14,7 @@ def model_card(report: Report, model_out_name: str) -> str:
         else (
             "This checkpoint uses only settings that transformers, vLLM and SGLang compute identically: the plain "
             "rotary frequency ladder, interleaved rotary pairs, no attention biases, an untied output head and "
-            "`rms_norm_eps` equal to the latent-norm epsilon. "
-            + _kernel_note(plan.kv_rank + plan.rope_dim)
+            "`rms_norm_eps` equal to the latent-norm epsilon. " + _kernel_note(plan.kv_rank + plan.rope_dim)
         )
     )
     return f"""---

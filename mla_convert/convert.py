@@ -35,16 +35,16 @@ def _layer_name(key: str, i: int) -> str:
     return LAYER_TENSORS[key].format(i=i)
 
 
-def read_attention(source: Source, plan: Plan, i: int) -> SourceAttention:
+def read_attention(source: Source, plan: Plan, i: int, device: str = "cpu") -> SourceAttention:
     """One source attention layer in float64; biases dropped unless the plan keeps them."""
     geo = plan.geometry
 
     def aug(key: str) -> torch.Tensor:
         base = _layer_name(key, i)
-        weight = source.get(f"{base}.weight").to(torch.float64)
+        weight = source.get(f"{base}.weight").to(device=device, dtype=torch.float64)
         bias = None
         if geo.qkv_bias and source.has(f"{base}.bias"):
-            bias = source.get(f"{base}.bias").to(torch.float64)
+            bias = source.get(f"{base}.bias").to(device=device, dtype=torch.float64)
             if not plan.keep_bias:
                 bias = None
         return augment(weight, bias)
@@ -67,9 +67,9 @@ def key_energies(source: Source, plan_geometry_heads: tuple[int, int], layers: i
     return torch.stack(out)
 
 
-def convert_layer(source: Source, plan: Plan, i: int, sink: Sink) -> LayerStats:
+def convert_layer(source: Source, plan: Plan, i: int, sink: Sink, device: str = "cpu") -> LayerStats:
     geo = plan.geometry
-    src = read_attention(source, plan, i)
+    src = read_attention(source, plan, i, device)
     form = mla_form(src, plan.slots, plan.q_scale)
     factors = weight_svd(form.kv, plan.kv_rank)
     input_norm = source.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
@@ -112,7 +112,11 @@ def _part_error(reference: torch.Tensor, exact: torch.Tensor, approx: torch.Tens
 
 
 def convert(
-    source: Source, plan: Plan, sink: Sink, on_layer: Callable[[LayerStats], None] | None = None
+    source: Source,
+    plan: Plan,
+    sink: Sink,
+    on_layer: Callable[[LayerStats], None] | None = None,
+    device: str = "cpu",
 ) -> list[LayerStats]:
     """Emit every tensor of the DeepSeek-V3 checkpoint through `sink`; return per-layer statistics."""
     lam = plan.residual_scale
@@ -120,7 +124,7 @@ def convert(
     sink(EMBED, embed.to(torch.float64) * lam if lam != 1.0 else embed)
     stats = []
     for i in range(plan.geometry.layers):
-        layer = convert_layer(source, plan, i, sink)
+        layer = convert_layer(source, plan, i, sink, device)
         stats.append(layer)
         if on_layer:
             on_layer(layer)

@@ -17,7 +17,15 @@ from .report import Report
 from .source import Source, resolve
 from .target_config import deepseek_config
 from .verify import verify
-from .writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_output, check_output_path, copy_file, write_json, write_text
+from .writer import (
+    DEFAULT_SHARD_BYTES,
+    ShardWriter,
+    atomic_output,
+    check_output_path,
+    copy_file,
+    write_json,
+    write_text,
+)
 
 
 @dataclass
@@ -31,6 +39,7 @@ class Options:
     seed: int = 0
     verify: bool = True
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    device: str = "cpu"
 
 
 @dataclass
@@ -68,7 +77,7 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
     hooks.on_plan(plan)
     with atomic_output(model_out, options.force) as tmp:
         writer = ShardWriter(tmp, plan.dtype, options.max_shard_bytes)
-        stats = convert(source, plan, writer.add, hooks.on_layer)
+        stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device)
         hooks.on_stage("writing the checkpoint")
         writer.finish()
         write_json(tmp / "config.json", deepseek_config(plan, source.config))

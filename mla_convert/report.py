@@ -144,7 +144,9 @@ class Report:
         table = Table(title="KV cache per token")
         for col in ("", "elements / layer", "bytes (all layers)"):
             table.add_column(col, justify="right")
-        table.add_row("source", str(kv["original_elements_per_token_per_layer"]), _bytes(kv["original_bytes_per_token"]))
+        table.add_row(
+            "source", str(kv["original_elements_per_token_per_layer"]), _bytes(kv["original_bytes_per_token"])
+        )
         table.add_row(
             "converted", str(kv["converted_elements_per_token_per_layer"]), _bytes(kv["converted_bytes_per_token"])
         )
@@ -181,8 +183,7 @@ class Report:
             )
         lines += ["", "| layer | K rel. error | V rel. error | rotary energy kept |", "|---:|---:|---:|---:|"]
         lines += [
-            f"| {x.index} | {x.k_rel_error:.2e} | {x.v_rel_error:.2e} | {x.rope_energy_kept:.1%} |"
-            for x in self.layers
+            f"| {x.index} | {x.k_rel_error:.2e} | {x.v_rel_error:.2e} | {x.rope_energy_kept:.1%} |" for x in self.layers
         ]
         if self.warnings:
             lines += ["", "### Warnings", ""] + [f"- {w}" for w in self.warnings]

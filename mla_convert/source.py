@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?$")  # "name" or "org/name"
 
 
 @dataclass
@@ -93,13 +94,9 @@ def resolve(model_in: str) -> Source:
         if not path.is_dir():
             raise ConversionError(f"MODEL_IN must be a model directory, a hub id or a .gguf file: {path}")
         return _directory_source(path, label=str(path))
-    if _looks_like_path(model_in):
+    if not HUB_ID.match(model_in):
         raise ConversionError(f"model path not found: {path}")
     return _directory_source(_download(model_in), label=model_in)
-
-
-def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) or text.count("/") != 1
 
 
 def _download(repo_id: str) -> Path:
@@ -156,13 +153,13 @@ def _index_shards(root: Path, label: str) -> dict[str, Path]:
         return shards
     if single.is_file():
         _check_safetensors(single)
-        return {name: single for name in _open_safetensors(single).keys()}
+        return {name: single for name in _open_safetensors(single).keys()}  # noqa: SIM118
     if any(root.glob("*.safetensors")):
         files = sorted(root.glob("*.safetensors"))
         shards = {}
         for file in files:
             _check_safetensors(file)
-            shards.update({name: file for name in _open_safetensors(file).keys()})
+            shards.update({name: file for name in _open_safetensors(file).keys()})  # noqa: SIM118
         return shards
     if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
         raise ConversionError(

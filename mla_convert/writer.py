@@ -38,7 +38,7 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to(self.dtype).contiguous()
+        tensor = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()

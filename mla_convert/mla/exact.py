@@ -47,7 +47,7 @@ class MLAForm:
 
 
 def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    column = torch.zeros(weight.shape[0], 1, dtype=weight.dtype) if bias is None else bias[:, None]
+    column = weight.new_zeros(weight.shape[0], 1) if bias is None else bias[:, None]
     return torch.cat([weight, column.to(weight.dtype)], dim=1)
 
 
@@ -63,10 +63,10 @@ def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float) -> MLAForm
     components = torch.einsum("fgrx,fgm->fmrx", pairs, mix)  # [freqs, M, 2, n+1]
 
     rope_dim = 2 * len(slots)
-    k_rope = torch.zeros(rope_dim, feats, dtype=src.k.dtype)
-    q_rope = torch.zeros(heads, rope_dim, feats, dtype=src.q.dtype)
+    k_rope = src.k.new_zeros(rope_dim, feats)
+    q_rope = src.q.new_zeros(heads, rope_dim, feats)
     k_nope = k_heads.clone()
-    group_of_head = torch.arange(heads) // src.group
+    group_of_head = torch.arange(heads, device=src.q.device) // src.group
     kept = 0.0
     for j, slot in enumerate(slots):
         if slot is None:

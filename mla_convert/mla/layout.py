@@ -40,11 +40,11 @@ def attention_tensors(
     q = form.q.reshape(-1, feats)
     if keep_bias:
         s_q = SAFETY * root_eps * math.sqrt(feats) / input_bound
-        out["q_a_proj.weight"] = s_q * torch.eye(feats, n, dtype=q.dtype)
-        bias = torch.zeros(feats, dtype=q.dtype)
+        out["q_a_proj.weight"] = s_q * torch.eye(feats, n, dtype=q.dtype, device=q.device)
+        bias = q.new_zeros(feats)
         bias[-1] = s_q
         out["q_a_proj.bias"] = bias
-        out["q_a_layernorm.weight"] = torch.full((feats,), root_eps / s_q, dtype=q.dtype)
+        out["q_a_layernorm.weight"] = q.new_full((feats,), root_eps / s_q)
         out["q_b_proj.weight"] = q
     else:
         out["q_proj.weight"] = q[:, :n]
@@ -54,7 +54,7 @@ def attention_tensors(
     if keep_bias:
         out["kv_a_proj_with_mqa.bias"] = kv_a[:, n]
     rank = factors.down.shape[0]
-    out["kv_a_layernorm.weight"] = torch.full((rank,), root_eps / s, dtype=kv_a.dtype)
+    out["kv_a_layernorm.weight"] = kv_a.new_full((rank,), root_eps / s)
 
     kv_rows = num_kv_heads * head_dim
     k_up = factors.up[:kv_rows].view(num_kv_heads, head_dim, rank)
@@ -63,5 +63,5 @@ def attention_tensors(
     out["kv_b_proj.weight"] = per_head.reshape(num_heads * 2 * head_dim, rank)
     out["o_proj.weight"] = o_proj
     if keep_bias:
-        out["o_proj.bias"] = torch.zeros(o_proj.shape[0], dtype=o_proj.dtype)
+        out["o_proj.bias"] = o_proj.new_zeros(o_proj.shape[0])
     return LayerTensors(tensors=out, latent_scale=s)
