@@ -191,6 +191,7 @@ def _quiet_libraries(verbose: bool) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization uses a bare tqdm
     import warnings
 
     warnings.filterwarnings("ignore")

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from .families import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
-from .mla.exact import SourceAttention, augment, mla_form
+from .mla.exact import SourceAttention, augment, mla_form, rotary_components
 from .mla.factorize import relative_error, weight_svd
 from .mla.latent_norm import attention_input_bound
 from .mla.layout import attention_tensors
-from .mla.rotary import half_split_pairs, head_mixing
-from .plan import Plan
+from .plan import Geometry, Plan
 from .source import Source
 
 Sink = Callable[[str, torch.Tensor], None]
@@ -35,18 +34,15 @@ def _layer_name(key: str, i: int) -> str:
     return LAYER_TENSORS[key].format(i=i)
 
 
-def read_attention(source: Source, plan: Plan, i: int, device: str = "cpu") -> SourceAttention:
-    """One source attention layer in float64; biases dropped unless the plan keeps them."""
-    geo = plan.geometry
+def read_attention(source: Source, geo: Geometry, i: int, keep_bias: bool, device: str = "cpu") -> SourceAttention:
+    """One source attention layer in float64; biases dropped unless keep_bias."""
 
     def aug(key: str) -> torch.Tensor:
         base = _layer_name(key, i)
         weight = source.get(f"{base}.weight").to(device=device, dtype=torch.float64)
         bias = None
-        if geo.qkv_bias and source.has(f"{base}.bias"):
+        if keep_bias and source.has(f"{base}.bias"):
             bias = source.get(f"{base}.bias").to(device=device, dtype=torch.float64)
-            if not plan.keep_bias:
-                bias = None
         return augment(weight, bias)
 
     return SourceAttention(
@@ -54,22 +50,14 @@ def read_attention(source: Source, plan: Plan, i: int, device: str = "cpu") -> S
     )
 
 
-def key_energies(source: Source, plan_geometry_heads: tuple[int, int], layers: int) -> torch.Tensor:
-    """Per layer, per frequency, the energy of each mixed KV-head component of the rotary keys."""
-    kv_heads, head_dim = plan_geometry_heads
-    a, b = half_split_pairs(head_dim)
-    out = []
-    for i in range(layers):
-        k = source.get(f"{_layer_name('k', i)}.weight").to(torch.float64)
-        heads = k.view(kv_heads, head_dim, -1)
-        pairs = torch.stack([heads[:, a], heads[:, b]], dim=2).transpose(0, 1)
-        out.append(head_mixing(pairs)[0])
-    return torch.stack(out)
+def key_energies(source: Source, geo: Geometry, keep_bias: bool) -> torch.Tensor:
+    """Per layer, per frequency, the query-weighted energy of each mixed KV-head rotary component."""
+    return torch.stack([rotary_components(read_attention(source, geo, i, keep_bias)).energy for i in range(geo.layers)])
 
 
 def convert_layer(source: Source, plan: Plan, i: int, sink: Sink, device: str = "cpu") -> LayerStats:
     geo = plan.geometry
-    src = read_attention(source, plan, i, device)
+    src = read_attention(source, geo, i, plan.keep_bias, device)
     form = mla_form(src, plan.slots, plan.q_scale)
     factors = weight_svd(form.kv, plan.kv_rank)
     input_norm = source.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)

