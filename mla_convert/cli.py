@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -135,7 +136,7 @@ def convert(
         )
 
     for warning in report.warnings:
-        err.print(f"[yellow]warning[/yellow]: {warning}")
+        err.print(f"[yellow]warning[/yellow]: {escape(warning)}", soft_wrap=True)
     if not quiet:
         out.print(report.layer_table())
         out.print(report.cache_table())
@@ -147,7 +148,7 @@ def convert(
                 f"live cache {v.measured_cache_elements} elements/token/layer"
             )
     kv = report.kv_cache()
-    out.print(f"wrote {model_out} (KV cache {kv['ratio']:.3f}x of the source; report in mla_report.json)")
+    out.print(f"wrote {escape(str(model_out))} (KV cache {kv['ratio']:.3f}x of the source; report in mla_report.json)")
 
 
 def _show_plan(plan, progress, task, quiet: bool) -> None:  # type: ignore[no-untyped-def]
@@ -155,7 +156,8 @@ def _show_plan(plan, progress, task, quiet: bool) -> None:  # type: ignore[no-un
     if not quiet:
         progress.console.print(
             f"plan: target {plan.target}, kv_lora_rank {plan.kv_rank} (lossless {plan.full_kv_rank}), "
-            f"qk_rope_head_dim {plan.rope_dim}, rope_theta {plan.rope_theta:g} — {plan.split_reason}"
+            f"qk_rope_head_dim {plan.rope_dim}, rope_theta {plan.rope_theta:g} — {plan.split_reason}",
+            soft_wrap=True,  # one line in logs too; a terminal wraps it itself
         )
 
 
@@ -166,7 +168,9 @@ def _progress(quiet: bool) -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=err,
-        disable=quiet,
+        # Off when stderr is not a terminal: a transient bar shows nothing there, and rich would still
+        # print a stray blank line on stop, ahead of any error message.
+        disable=quiet or not err.is_interactive,
         transient=True,
     )
 
@@ -198,7 +202,8 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _fail(message: str, verbose: bool) -> None:
-    err.print(f"[red]error[/red]: {message}", highlight=False, soft_wrap=True)
+    # Messages quote user paths, which may hold '[...]' that rich would read as markup.
+    err.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

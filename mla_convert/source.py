@@ -128,8 +128,8 @@ def _load_config(root: Path, label: str, gguf_file: str | None = None) -> Any:
     from transformers import AutoConfig
 
     try:
-        if gguf_file is None:
-            json.loads((root / "config.json").read_text())
+        if gguf_file is None and not isinstance(json.loads((root / "config.json").read_text()), dict):
+            raise ConversionError(f"config.json in {label} is not a JSON object")
         return AutoConfig.from_pretrained(str(root), gguf_file=gguf_file)
     except json.JSONDecodeError as exc:
         raise ConversionError(f"config.json in {label} is not valid JSON ({exc.msg})") from exc
@@ -143,9 +143,9 @@ def _index_shards(root: Path, label: str) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            shards = {name: root / file for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON or UTF-8
             raise ConversionError(f"{index.name} in {label} is damaged ({_short(exc)})") from exc
-        shards = {name: root / file for name, file in weight_map.items()}
         for file in sorted(set(shards.values())):
             if not file.is_file():
                 raise ConversionError(f"shard {file.name} listed in {index.name} is missing from {label}")
@@ -189,7 +189,10 @@ def _check_safetensors(path: Path) -> None:
             header = json.loads(fh.read(header_len))
     except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConversionError(f"{path.name} is not a valid safetensors file ({_short(exc)})") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ConversionError(f"{path.name} is not a valid safetensors file (malformed header)") from exc
     if 8 + header_len + end > size:
         raise ConversionError(f"{path.name} is truncated: {size} bytes on disk, {8 + header_len + end} expected")
 

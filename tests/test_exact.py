@@ -1,0 +1,72 @@
+"""The full-size map is exact: every family in the transformers profile; MQA and dependent heads portable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mla_convert.job import Options, run
+
+from .conftest import TINY_CONFIGS
+from .helpers import load, max_logit_diff, random_ids
+
+TOL = 1e-3
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_transformers_profile_is_lossless_for_every_family(tiny_models, tmp_path, family):
+    out = tmp_path / "out"
+    run(str(tiny_models[family]), out, Options(target="transformers", verify=False))
+    assert load(out).__class__.__name__ == "DeepseekV3ForCausalLM"
+    assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama_dependent_heads", "smollm_like_mqa"])
+def test_portable_profile_is_exact_when_no_rotary_energy_is_lost(tiny_models, tmp_path, family):
+    out = tmp_path / "out"
+    report = run(str(tiny_models[family]), out, Options(verify=False))
+    assert report.summary()["rope_energy_kept_min"] > 1 - 1e-9
+    assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
+
+
+def test_portable_profile_reports_the_rotary_loss_of_independent_heads(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    report = run(str(tiny_models["llama_gqa_tied"]), out, Options())
+    kept = json.loads((out / "mla_report.json").read_text())["summary"]["rope_energy_kept_mean"]
+    assert 0.0 < kept < 0.99  # random independent KV heads cannot share one rotary key
+    assert report.verification is not None and report.verification.max_abs_logit_diff > TOL
+    # full latent rank: the keys and values themselves are reproduced, only rotation is lost
+    assert report.summary()["k_rel_error_max"] < 1e-9 and report.summary()["v_rel_error_max"] < 1e-9
+
+
+def test_portable_drops_biases_with_a_warning_and_transformers_keeps_them(tiny_models, tmp_path):
+    portable = run(str(tiny_models["qwen2_gqa_bias"]), tmp_path / "p", Options(verify=False))
+    assert any("biases" in w for w in portable.warnings)
+    tensors = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert tensors["attention_bias"] is False and tensors["q_lora_rank"] is None
+    exact = run(str(tiny_models["qwen2_gqa_bias"]), tmp_path / "t", Options(target="transformers", verify=False))
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["attention_bias"] is True and config["q_lora_rank"] == 65  # pass-through latent for the q bias
+    assert exact.plan.keep_bias
+
+
+def test_bfloat16_output_error_is_no_larger_than_the_sources_own(tiny_models, tmp_path):
+    src = tiny_models["llama_gqa_tied"]
+    out = tmp_path / "out"
+    run(str(src), out, Options(target="transformers", dtype="bfloat16", verify=False))
+    ids = random_ids(256, 64)
+    with torch.no_grad():
+        ref = load(src)(ids).logits
+        src_bf16 = load(src).to(torch.bfloat16)(ids).logits.float()
+        out_bf16 = load(out).to(torch.bfloat16)(ids).logits.float()
+    assert (out_bf16 - ref).abs().max() <= 2 * (src_bf16 - ref).abs().max() + 1e-3
+
+
+def test_the_built_in_verification_agrees_with_an_independent_check(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    report = run(str(tiny_models["mistral_gqa"]), out, Options(target="transformers"))
+    assert report.verification is not None
+    assert report.verification.max_abs_logit_diff <= TOL
+    assert report.verification.top1_agreement == 1.0

