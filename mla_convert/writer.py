@@ -118,8 +118,10 @@ def clean_stale_temps(model_out: Path) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         return False
+    except PermissionError:  # it exists, as another user's process
+        return True
     return pid != os.getpid()
 
 

@@ -1,0 +1,180 @@
+"""Calibration and evaluation text: read it (txt, jsonl, parquet, hub dataset), tokenize it into windows,
+or sample it from the source model when the user gives none.
+
+Calibration windows and evaluation windows never overlap: evaluation uses --eval-data, else the tail of
+the calibration source after the calibration tokens, else a separately seeded sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+@dataclass
+class TokenWindows:
+    """Token ids [count, seq_len] and where they came from (for the report)."""
+
+    ids: torch.Tensor
+    origin: str
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+def read_texts(spec: str, column: str = "text") -> list[str]:
+    """Documents from a .txt/.md file, a .jsonl/.parquet file (field `column`) or a hub dataset id."""
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if path.exists():
+        if path.is_dir():
+            raise ConversionError(f"text data must be a file (.txt, .jsonl, .parquet), got a directory: {path}")
+        if suffix in TEXT_SUFFIXES or suffix == "":
+            texts = [_read_text_file(path)]
+        elif suffix == ".jsonl":
+            texts = _read_jsonl(path, column)
+        elif suffix == ".parquet":
+            texts = _read_parquet(path, column)
+        else:
+            raise ConversionError(f"unsupported text data format '{suffix}' ({path}); use .txt, .jsonl or .parquet")
+    elif suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet") or ("/" not in spec.strip("/") and "\\" in spec):
+        raise ConversionError(f"text data file not found: {path}")
+    else:
+        texts = _read_hub_dataset(spec, column)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ConversionError(f"text data {spec} holds no text")
+    return texts
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"{path} is not UTF-8 text ({exc.reason})") from exc
+
+
+def _read_jsonl(path: Path, column: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConversionError(f"{path.name} line {number} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or column not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise ConversionError(f"{path.name} line {number} has no '{column}' field (it has: {keys})")
+        texts.append(str(record[column]))
+    return texts
+
+
+def _read_parquet(path: Path, column: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ConversionError("reading .parquet needs pyarrow: pip install pyarrow") from exc
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise ConversionError(f"{path.name} is not a readable parquet file ({exc})") from exc
+    if column not in schema.names:
+        raise ConversionError(f"{path.name} has no column '{column}' (it has: {', '.join(schema.names)})")
+    return [str(x) for x in pq.read_table(path, columns=[column]).column(column).to_pylist() if x is not None]
+
+
+def _read_hub_dataset(spec: str, column: str) -> list[str]:
+    """`ID[:CONFIG][@SPLIT]`, e.g. `wikitext:wikitext-2-raw-v1@train`, through the datasets library."""
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConversionError(f"'{spec}' is no file; loading hub datasets needs: pip install datasets") from exc
+    try:
+        data = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:
+        raise ConversionError(f"cannot load dataset '{spec}' ({str(exc).splitlines()[0][:160]})") from exc
+    if column not in data.column_names:
+        raise ConversionError(f"dataset '{spec}' has no column '{column}' (it has: {', '.join(data.column_names)})")
+    return [str(x) for x in data[column]]
+
+
+def tokenize_windows(texts: list[str], tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """Concatenate the documents (EOS between them) and cut the stream into full windows of seq_len."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        if eos is not None:
+            stream.append(eos)
+    count = len(stream) // seq_len
+    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def split_windows(
+    windows: torch.Tensor, calib_tokens: int, seq_len: int, origin: str, want_eval: bool
+) -> tuple[TokenWindows, TokenWindows | None, list[str]]:
+    """Take the calibration windows from the front and keep the rest (up to the same amount) for evaluation."""
+    warnings: list[str] = []
+    wanted = max(1, calib_tokens // seq_len)
+    available = windows.shape[0]
+    if available == 0:
+        raise ConversionError(f"{origin} holds fewer than {seq_len} tokens, not one calibration window")
+    if want_eval:
+        take = min(wanted, max(1, available - max(1, available // 5)) if available > 1 else 1)
+    else:
+        take = min(wanted, available)
+    if take < wanted:
+        warnings.append(
+            f"{origin} gave {take * seq_len} calibration tokens, fewer than the {wanted * seq_len} asked for"
+        )
+    calib = TokenWindows(windows[:take], origin)
+    held_out = None
+    if want_eval and available > take:
+        held_out = TokenWindows(windows[take : take + wanted], f"{origin} (held-out tail)")
+    return calib, held_out, warnings
+
+
+@torch.no_grad()
+def sample_windows(model: Any, tokenizer: Any, count: int, seq_len: int, seed: int, batch: int = 16) -> torch.Tensor:
+    """Sample `count` windows of seq_len tokens from the model itself, starting from BOS (or EOS)."""
+    start = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else None
+    if start is None:
+        start = getattr(model.config, "bos_token_id", None) or getattr(model.config, "eos_token_id", None) or 0
+    if isinstance(start, list):
+        start = start[0]
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    out = []
+    try:
+        for first in range(0, count, batch):
+            n = min(batch, count - first)
+            prompt = torch.full((n, 1), int(start), dtype=torch.long)
+            seqs = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                top_p=0.95,
+                temperature=1.0,
+                max_new_tokens=seq_len,
+                min_new_tokens=seq_len,
+                pad_token_id=int(start),
+            )
+            out.append(seqs[:, 1 : seq_len + 1])
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return torch.cat(out)
