@@ -99,7 +99,9 @@ def _copy_tokenizer(source: Source, out: Path) -> None:
     if gen is not None:
         copy_file(gen, out)
     if source.gguf_file is not None:
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import GenerationConfig
 
-        AutoTokenizer.from_pretrained(str(source.root), gguf_file=source.gguf_file).save_pretrained(str(out))
+        tokenizer = source.tokenizer()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
         GenerationConfig.from_model_config(source.config).save_pretrained(str(out))

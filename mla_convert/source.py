@@ -47,6 +47,8 @@ class Source:
     _shards: dict[str, Path] = field(default_factory=dict)  # tensor name -> shard file
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # GGUF: in memory
+    _model: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
 
     def names(self) -> list[str]:
         return list(self._tensors) if self._tensors is not None else list(self._shards)
@@ -72,6 +74,26 @@ class Source:
             raise
         except Exception as exc:  # safetensors raises several types for damaged files
             raise ConversionError(f"cannot read tensor '{name}' from {path.name}: {_short(exc)}") from exc
+
+    def model(self) -> Any:
+        """The source as a float32 transformers model (kept after the first call)."""
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            self._model = AutoModelForCausalLM.from_pretrained(str(self.root), dtype=torch.float32).eval()
+        return self._model
+
+    def tokenizer(self) -> Any:
+        """The source tokenizer, or None when the checkpoint ships none."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.root), gguf_file=self.gguf_file)
+            except Exception as exc:
+                log.info("no usable tokenizer in %s: %s", self.label, _short(exc))
+                self._tokenizer = False
+        return self._tokenizer or None
 
     def tokenizer_files(self) -> Iterator[Path]:
         for name in TOKENIZER_FILES:
@@ -205,19 +227,20 @@ def _gguf_source(path: Path) -> Source:
         raise ConversionError("reading .gguf needs the 'gguf' package: pip install gguf") from exc
     from transformers import AutoModelForCausalLM
 
-    root, name = path.parent, path.name
-    config = _load_config(root, str(path), gguf_file=name)
     from .families import family_for
 
-    family_for(config)  # refuse unsupported models before the slow dequantization
-    try:
+    root, name = path.parent, path.name
+    try:  # reading the config alone parses the whole file too, so load once and check after
         model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=name, dtype=torch.float32)
     except Exception as exc:
         raise ConversionError(f"cannot load GGUF file {path}: {_short(exc)}") from exc
+    family_for(model.config)
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
-    return Source(label=str(path), root=root, config=model.config, gguf_file=name, _tensors=tensors)
+    source = Source(label=str(path), root=root, config=model.config, gguf_file=name, _tensors=tensors)
+    source._model = model.eval()
+    return source
 
 
 def _short(exc: BaseException) -> str:

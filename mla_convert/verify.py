@@ -23,28 +23,13 @@ CHECK_TEXT = (
 )
 
 
-def load_source_model(source: Source) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    if source._tensors is None:
-        return AutoModelForCausalLM.from_pretrained(str(source.root), dtype=torch.float32).eval()
-    model = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32)
-    model.load_state_dict(source._tensors, strict=False)
-    model.tie_weights()
-    return model.eval()
-
-
 def check_tokens(source: Source, count: int, vocab: int, seed: int) -> torch.Tensor:
     """Token ids of the built-in English text when a tokenizer is available, else seeded random ids."""
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(source.root), gguf_file=source.gguf_file)
+    tok = source.tokenizer()
+    if tok is not None:
         ids = tok(CHECK_TEXT, return_tensors="pt").input_ids[:, :count]
         if ids.shape[1] >= 16:
             return ids
-    except Exception:
-        pass
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (1, count), generator=gen)
 
@@ -54,9 +39,7 @@ def verify(source: Source, converted_dir: Path, *, tokens: int = 128, seed: int 
     from transformers import AutoModelForCausalLM
 
     ids = check_tokens(source, tokens, source.config.vocab_size, seed)
-    reference = load_source_model(source)
-    ref_logits = reference(ids).logits.float()
-    del reference
+    ref_logits = source.model()(ids).logits.float()
     model = AutoModelForCausalLM.from_pretrained(str(converted_dir), dtype=torch.float32).eval()
     out = model(ids, use_cache=True)
     logits = out.logits.float()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .helpers import load
 
@@ -32,7 +32,11 @@ def smollm2(smollm2_gguf, tmp_path_factory):
     with torch.no_grad():
         logits = model(ids).logits
     copy = tmp_path_factory.mktemp("smollm2-hf") / "SmolLM2-135M-Instruct"
-    model.save_pretrained(copy)
+    settings = model.config.to_dict()
+    settings.pop("quantization_config", None)  # the dequantized float32 weights are what we save
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings), dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(copy)
     tokenizer.save_pretrained(copy)
     return tokenizer, ids, logits, copy
 
