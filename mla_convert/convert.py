@@ -1,16 +1,20 @@
 """Drive the conversion layer by layer: read source tensors, apply the math, emit DeepSeek tensors.
 
 Tensors flow one way, source -> math -> sink, one layer at a time, so memory is bounded by a layer.
+With a calibrator, each layer is fitted to the activations that the already converted layers produce
+(sequential calibration), and the calibrator propagates them through the new layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .families import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
+from .mla.activation import activation_error, activation_factors, kv_row_metric, psd_root
 from .mla.exact import SourceAttention, augment, mla_form, rotary_components
 from .mla.factorize import relative_error, weight_svd
 from .mla.latent_norm import attention_input_bound
@@ -24,10 +28,21 @@ Sink = Callable[[str, torch.Tensor], None]
 @dataclass
 class LayerStats:
     index: int
-    k_rel_error: float
+    k_rel_error: float  # weights, relative Frobenius
     v_rel_error: float
     rope_energy_kept: float
     latent_scale: float
+    k_act_error: float | None = None  # on calibration activations
+    v_act_error: float | None = None
+    attn_output_error: float | None = None  # converted vs source attention output, same inputs
+
+
+class Calibrator(Protocol):
+    """Supplies each layer's input statistics and takes the converted layer to move activations on."""
+
+    def covariance(self, index: int) -> torch.Tensor: ...
+
+    def advance(self, index: int, tensors: dict[str, torch.Tensor]) -> float: ...
 
 
 def _layer_name(key: str, i: int) -> str:
@@ -50,19 +65,38 @@ def read_attention(source: Source, geo: Geometry, i: int, keep_bias: bool, devic
     )
 
 
-def key_energies(source: Source, geo: Geometry, keep_bias: bool) -> torch.Tensor:
+def key_energies(
+    source: Source, geo: Geometry, keep_bias: bool, covariances: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Per layer, per frequency, the query-weighted energy of each mixed KV-head rotary component."""
-    return torch.stack([rotary_components(read_attention(source, geo, i, keep_bias)).energy for i in range(geo.layers)])
+    out = []
+    for i in range(geo.layers):
+        root = psd_root(covariances[i])[0] if covariances is not None else None
+        out.append(rotary_components(read_attention(source, geo, i, keep_bias), cov_root=root).energy)
+    return torch.stack(out)
 
 
-def convert_layer(source: Source, plan: Plan, i: int, sink: Sink, device: str = "cpu") -> LayerStats:
+def layer_tensors(
+    source: Source, plan: Plan, i: int, cov: torch.Tensor | None = None, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], LayerStats]:
+    """All DeepSeek tensors of layer i (full names) and its reconstruction statistics.
+
+    Without cov the latent is the data-free weight SVD; with cov (the second moment of this layer's
+    attention input) rotary mixing and the latent are fitted to activations.
+    """
     geo = plan.geometry
     src = read_attention(source, geo, i, plan.keep_bias, device)
-    form = mla_form(src, plan.slots, plan.q_scale)
-    factors = weight_svd(form.kv, plan.kv_rank)
+    o_proj = source.get(f"{_layer_name('o', i)}.weight").to(device=device, dtype=torch.float64)
+    cov_root = psd_root(cov)[0] if cov is not None else None
+    form = mla_form(src, plan.slots, plan.q_scale, cov_root)
+    if cov is None:
+        factors = weight_svd(form.kv, plan.kv_rank)
+    else:
+        q_nope = form.q[:, : geo.head_dim]
+        k_blocks, v_blocks = kv_row_metric(q_nope, o_proj, cov, geo.kv_heads, geo.head_dim)
+        factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, plan.key_weight)
     input_norm = source.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
-    o_proj = source.get(f"{_layer_name('o', i)}.weight").to(torch.float64) * plan.residual_scale
-    layer = attention_tensors(
+    attn = attention_tensors(
         form,
         factors,
         num_heads=geo.heads,
@@ -70,27 +104,31 @@ def convert_layer(source: Source, plan: Plan, i: int, sink: Sink, device: str = 
         head_dim=geo.head_dim,
         input_bound=attention_input_bound(input_norm),
         keep_bias=plan.keep_bias,
-        o_proj=o_proj,
+        o_proj=o_proj * plan.residual_scale,
     )
     prefix = f"model.layers.{i}."
-    for suffix, tensor in layer.tensors.items():
-        sink(f"{prefix}self_attn.{suffix}", tensor)
-    sink(f"{prefix}input_layernorm.weight", input_norm)
-    sink(f"{prefix}post_attention_layernorm.weight", source.get(f"{_layer_name('post_norm', i)}.weight"))
+    tensors = {f"{prefix}self_attn.{k}": v for k, v in attn.tensors.items()}
+    tensors[f"{prefix}input_layernorm.weight"] = input_norm
+    tensors[f"{prefix}post_attention_layernorm.weight"] = source.get(f"{_layer_name('post_norm', i)}.weight")
     for key in ("gate", "up"):
-        sink(f"{prefix}mlp.{key}_proj.weight", source.get(f"{_layer_name(key, i)}.weight"))
+        tensors[f"{prefix}mlp.{key}_proj.weight"] = source.get(f"{_layer_name(key, i)}.weight")
     down = source.get(f"{_layer_name('down', i)}.weight").to(torch.float64) * plan.residual_scale
-    sink(f"{prefix}mlp.down_proj.weight", down)
+    tensors[f"{prefix}mlp.down_proj.weight"] = down
 
     rec = factors.up @ factors.down
     rows = geo.kv_heads * geo.head_dim
-    return LayerStats(
+    stats = LayerStats(
         index=i,
         k_rel_error=_part_error(src.k, form.kv[:rows], rec[:rows]),
         v_rel_error=relative_error(form.kv[rows:], rec[rows:]),
         rope_energy_kept=form.rope_energy_kept,
-        latent_scale=layer.latent_scale,
+        latent_scale=attn.latent_scale,
     )
+    if cov is not None:
+        # The rotary slots are exact, so the key map's error is that of its no-rope part.
+        stats.k_act_error = activation_error(src.k, src.k - (form.kv[:rows] - rec[:rows]), cov)
+        stats.v_act_error = activation_error(form.kv[rows:], rec[rows:], cov)
+    return tensors, stats
 
 
 def _part_error(reference: torch.Tensor, exact: torch.Tensor, approx: torch.Tensor) -> float:
@@ -105,6 +143,7 @@ def convert(
     sink: Sink,
     on_layer: Callable[[LayerStats], None] | None = None,
     device: str = "cpu",
+    calibrator: Calibrator | None = None,
 ) -> list[LayerStats]:
     """Emit every tensor of the DeepSeek-V3 checkpoint through `sink`; return per-layer statistics."""
     lam = plan.residual_scale
@@ -112,7 +151,12 @@ def convert(
     sink(EMBED, embed.to(torch.float64) * lam if lam != 1.0 else embed)
     stats = []
     for i in range(plan.geometry.layers):
-        layer = convert_layer(source, plan, i, sink, device)
+        cov = calibrator.covariance(i) if calibrator is not None else None
+        tensors, layer = layer_tensors(source, plan, i, cov, device)
+        if calibrator is not None:
+            layer.attn_output_error = calibrator.advance(i, tensors)
+        for name, tensor in tensors.items():
+            sink(name, tensor)
         stats.append(layer)
         if on_layer:
             on_layer(layer)

@@ -63,6 +63,9 @@ class Plan:
     residual_scale: float
     split_reason: str
     warnings: list[str] = field(default_factory=list)
+    method: str = "svd"  # "svd": data-free weight SVD; "activation": fitted on calibration activations
+    stride: int = 1  # portable: the ladder holds every stride-th source frequency
+    key_weight: float = 1.0  # activation method: weight of key error against value error in the latent
 
     @property
     def kv_elements(self) -> int:

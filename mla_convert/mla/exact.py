@@ -60,7 +60,10 @@ class RotaryComponents:
     energy: torch.Tensor  # [freqs, M] query-weighted energy of each component, descending
 
 
-def rotary_components(src: SourceAttention, q_heads: torch.Tensor | None = None) -> RotaryComponents:
+def rotary_components(
+    src: SourceAttention, q_heads: torch.Tensor | None = None, cov_root: torch.Tensor | None = None
+) -> RotaryComponents:
+    """Mix KV heads per frequency; with cov_root (C = L Lᵀ of the inputs) energies are measured on activations."""
     d, kv_heads = src.head_dim, src.num_kv_heads
     feats = src.q.shape[1]
     a, b = half_split_pairs(d)
@@ -69,20 +72,24 @@ def rotary_components(src: SourceAttention, q_heads: torch.Tensor | None = None)
     k_heads = src.k.view(kv_heads, d, feats)
     pairs = torch.stack([k_heads[:, a], k_heads[:, b]], dim=2).transpose(0, 1)  # [freqs, G, 2, n+1]
     q_pairs = torch.stack([q_heads[:, a], q_heads[:, b]], dim=2)  # [H, freqs, 2, n+1]
+    if cov_root is not None:
+        q_pairs = q_pairs @ cov_root
     q_energy = q_pairs.square().sum((2, 3)).view(kv_heads, src.group, -1).sum(1).T  # [freqs, G]
-    energy, build, coef = head_mixing(pairs, q_energy)
+    energy, build, coef = head_mixing(pairs if cov_root is None else pairs @ cov_root, q_energy)
     components = torch.einsum("fgrx,fgm->fmrx", pairs, build)
     return RotaryComponents(components=components, coef=coef, energy=energy)
 
 
-def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float) -> MLAForm:
+def mla_form(
+    src: SourceAttention, slots: list[Slot], q_scale: float, cov_root: torch.Tensor | None = None
+) -> MLAForm:
     """Rewrite one layer into MLA form with the given rotary slots (see module docstring)."""
     heads, kv_heads, d = src.num_heads, src.num_kv_heads, src.head_dim
     feats = src.q.shape[1]
     a, b = half_split_pairs(d)
     k_heads = src.k.view(kv_heads, d, feats)
     q_heads = src.q.view(heads, d, feats) * q_scale
-    rot = rotary_components(src, q_heads)
+    rot = rotary_components(src, q_heads, cov_root)
     components, coef, energy = rot.components, rot.coef, rot.energy
 
     rope_dim = 2 * len(slots)

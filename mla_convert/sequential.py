@@ -1,0 +1,116 @@
+"""Layer-by-layer calibration: statistics for layer i come from the inputs that converted layers 0..i-1
+produce, so approximation errors are seen (and partly absorbed) instead of silently compounding.
+
+Only the residual stream of the calibration windows is kept ([windows, seq_len, hidden], float32), plus
+the layer being converted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3DecoderLayer,
+    DeepseekV3RotaryEmbedding,
+)
+
+from .plan import Plan
+from .source import Source
+from .target_config import deepseek_config
+
+BATCH = 8  # windows per forward pass: bounds attention memory
+
+
+def deepseek_runtime_config(plan: Plan, source_config: Any) -> DeepseekV3Config:
+    config = DeepseekV3Config(**deepseek_config(plan, source_config))
+    config._attn_implementation = "sdpa"  # causal masking with attention_mask=None
+    return config
+
+
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    """E[x̃ x̃ᵀ] of the augmented inputs x̃ = [x; 1] (float64), over all tokens of x [..., n]."""
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    aug = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
+    return aug.T @ aug / aug.shape[0]
+
+
+def _batched(fn: Any, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + BATCH]) for i in range(0, x.shape[0], BATCH)])
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class SequentialCalibrator:
+    """Implements convert.Calibrator on token windows ids [count, seq_len]."""
+
+    def __init__(self, source: Source, plan: Plan, ids: torch.Tensor):
+        model = source.model()
+        self.layers = model.model.layers
+        self.config = deepseek_runtime_config(plan, source.config)
+        self.lam = plan.residual_scale
+        with torch.no_grad():
+            self.h = model.model.embed_tokens(ids).float() * self.lam
+            positions = torch.arange(ids.shape[1])[None]
+            self.ds_pos = DeepseekV3RotaryEmbedding(self.config)(self.h[:1], positions)
+            self.src_pos = model.model.rotary_emb(self.h[:1], positions)
+        self._x: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def covariance(self, index: int) -> torch.Tensor:
+        norm = self.layers[index].input_layernorm
+        self._x = _batched(lambda h: norm(h / self.lam), self.h)  # equals the converted layer's own norm
+        return second_moment(self._x)
+
+    @torch.no_grad()
+    def advance(self, index: int, tensors: dict[str, torch.Tensor]) -> float:
+        layer = build_layer(self.config, index, tensors)
+        x = self._x
+        assert x is not None
+        src_attn = self.layers[index].self_attn
+        ref = _batched(lambda t: src_attn(t, self.src_pos, None)[0], x)
+        out = _batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x) / self.lam
+        self.h = _batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
+        self._x = None
+        return relative(out, ref)
+
+
+def build_layer(config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor]) -> DeepseekV3DecoderLayer:
+    prefix = f"model.layers.{index}."
+    layer = DeepseekV3DecoderLayer(config, index).eval()
+    layer.load_state_dict({k[len(prefix) :]: v.float() for k, v in tensors.items()}, strict=True)
+    return layer
+
+
+def build_attention(config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor]) -> DeepseekV3Attention:
+    prefix = f"model.layers.{index}.self_attn."
+    attn = DeepseekV3Attention(config, index).eval()
+    state = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    attn.load_state_dict(state, strict=True)
+    return attn
+
+
+class SourceWalk:
+    """The source model's own attention inputs and outputs, layer by layer (for comparing candidates)."""
+
+    def __init__(self, source: Source, ids: torch.Tensor):
+        model = source.model()
+        self.layers = model.model.layers
+        with torch.no_grad():
+            self.h = model.model.embed_tokens(ids).float()
+            positions = torch.arange(ids.shape[1])[None]
+            self.src_pos = model.model.rotary_emb(self.h[:1], positions)
+            self.positions = positions
+
+    @torch.no_grad()
+    def step(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention input, source attention output) of layer `index`, then move to the next layer."""
+        layer = self.layers[index]
+        x = _batched(layer.input_layernorm, self.h)
+        out = _batched(lambda t: layer.self_attn(t, self.src_pos, None)[0], x)
+        self.h = _batched(lambda h: layer(h, position_embeddings=self.src_pos), self.h)
+        return x, out
