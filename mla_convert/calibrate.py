@@ -150,7 +150,7 @@ def split_windows(
 
 
 @torch.no_grad()
-def sample_windows(model: Any, tokenizer: Any, count: int, seq_len: int, seed: int, batch: int = 16) -> torch.Tensor:
+def sample_windows(model: Any, tokenizer: Any, count: int, seq_len: int, seed: int, batch: int = 32) -> torch.Tensor:
     """Sample `count` windows of seq_len tokens from the model itself, starting from BOS (or EOS)."""
     start = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else None
     if start is None:
@@ -178,3 +178,65 @@ def sample_windows(model: Any, tokenizer: Any, count: int, seq_len: int, seed: i
     finally:
         torch.random.set_rng_state(generator_state)
     return torch.cat(out)
+
+
+@dataclass
+class TextSets:
+    """Calibration windows, evaluation windows (if any), and notes for the user and the report."""
+
+    calib: TokenWindows
+    evaluation: TokenWindows | None
+    notes: list[str]
+
+
+def check_lengths(calib_tokens: int, seq_len: int, max_positions: int | None) -> None:
+    if seq_len < 16:
+        raise ConversionError(f"--calib-seq-len must be at least 16, got {seq_len}")
+    if max_positions is not None and seq_len > max_positions:
+        raise ConversionError(f"--calib-seq-len {seq_len} is longer than the model's context ({max_positions})")
+    if calib_tokens < seq_len:
+        raise ConversionError(f"--calib-tokens {calib_tokens} is less than one window of --calib-seq-len {seq_len}")
+
+
+def text_sets(
+    source: Any,
+    *,
+    calib_data: str | None,
+    calib_tokens: int,
+    seq_len: int,
+    eval_data: str | None,
+    eval_tokens: int,
+    column: str,
+    seed: int,
+    need_eval: bool,
+) -> TextSets:
+    """Build calibration and evaluation windows from files, or sample them from the source model."""
+    check_lengths(calib_tokens, seq_len, getattr(source.config, "max_position_embeddings", None))
+    tokenizer = source.tokenizer()
+    notes: list[str] = []
+    evaluation: TokenWindows | None = None
+    if (calib_data or eval_data) and tokenizer is None:
+        raise ConversionError(f"{source.label} has no tokenizer, so text data cannot be used; omit --calib-data")
+    if eval_data:
+        ids = tokenize_windows(read_texts(eval_data, column), tokenizer, seq_len)
+        if ids.shape[0] == 0:
+            raise ConversionError(f"--eval-data {eval_data} holds fewer than {seq_len} tokens")
+        evaluation = TokenWindows(ids[: max(1, eval_tokens // seq_len)], eval_data)
+    if calib_data:
+        windows = tokenize_windows(read_texts(calib_data, column), tokenizer, seq_len)
+        calib, held_out, warnings = split_windows(
+            windows, calib_tokens, seq_len, calib_data, want_eval=need_eval and evaluation is None
+        )
+        notes += warnings
+        if evaluation is None and held_out is not None:
+            evaluation = TokenWindows(held_out.ids[: max(1, eval_tokens // seq_len)], held_out.origin)
+    else:
+        count = max(1, calib_tokens // seq_len)
+        notes.append(f"no --calib-data: calibrating on {count * seq_len} tokens sampled from the source model itself")
+        calib = TokenWindows(sample_windows(source.model(), tokenizer, count, seq_len, seed), "sampled from the source")
+    if need_eval and evaluation is None:
+        count = max(1, min(eval_tokens, 4096) // seq_len)
+        ids = sample_windows(source.model(), tokenizer, count, seq_len, seed + 1)
+        evaluation = TokenWindows(ids, "sampled from the source (separate seed)")
+        notes.append("no evaluation text: one-shot perplexity is measured on a separate sample from the source")
+    return TextSets(calib=calib, evaluation=evaluation, notes=notes)

@@ -34,6 +34,11 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Method(str, Enum):
+    activation = "activation"
+    svd = "svd"
+
+
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -79,6 +84,24 @@ def convert(
     target: Annotated[
         Target, typer.Option(help="portable: identical in transformers, vLLM, SGLang. transformers: always exact.")
     ] = Target.portable,
+    method: Annotated[
+        Method, typer.Option(help="activation: fit to calibration activations (default); svd: data-free weight SVD.")
+    ] = Method.activation,
+    calib_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration text: .txt, .jsonl or .parquet (text column), or a hub dataset ID[:CONFIG][@SPLIT]."
+        ),
+    ] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use.")] = 8192,
+    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Held-out evaluation text (same formats); default: held-out calibration text.")
+    ] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens to use at most.")] = 8192,
+    text_column: Annotated[
+        str, typer.Option(help="Field or column holding the text in .jsonl/.parquet/datasets.")
+    ] = "text",
     dtype: Annotated[DType, typer.Option(help="Output dtype; auto keeps the source's.")] = DType.auto,
     device: Annotated[Device, typer.Option(help="Where to compute the factorization.")] = Device.cpu,
     force: Annotated[bool, typer.Option("--force", help="Replace MODEL_OUT if it exists.")] = False,
@@ -110,6 +133,13 @@ def convert(
             verify=verify,
             max_shard_bytes=_parse_size(max_shard_size),
             device=resolved_device,
+            method=method.value,
+            calib_data=calib_data,
+            calib_tokens=calib_tokens,
+            calib_seq_len=calib_seq_len,
+            eval_data=eval_data,
+            eval_tokens=eval_tokens,
+            text_column=text_column,
         )
         with _progress(quiet) as progress:
             task = progress.add_task("starting", total=None)
@@ -140,6 +170,15 @@ def convert(
     if not quiet:
         out.print(report.layer_table())
         out.print(report.cache_table())
+        if report.evaluation:
+            e = report.evaluation
+            out.print(
+                f"one-shot perplexity on {e['tokens']} held-out tokens ({escape(e['text'])}): source "
+                f"{e['source_perplexity']:.3f}, converted {e['converted_perplexity']:.3f} "
+                f"(x{e['perplexity_ratio']:.3f}), KL {e['kl_to_source']:.4f}, "
+                f"top-1 agreement {e['top1_agreement']:.1%}",
+                soft_wrap=True,
+            )
         if report.verification:
             v = report.verification
             out.print(

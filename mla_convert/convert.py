@@ -77,7 +77,12 @@ def key_energies(
 
 
 def layer_tensors(
-    source: Source, plan: Plan, i: int, cov: torch.Tensor | None = None, device: str = "cpu"
+    source: Source,
+    plan: Plan,
+    i: int,
+    cov: torch.Tensor | None = None,
+    device: str = "cpu",
+    cov_root: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], LayerStats]:
     """All DeepSeek tensors of layer i (full names) and its reconstruction statistics.
 
@@ -87,7 +92,8 @@ def layer_tensors(
     geo = plan.geometry
     src = read_attention(source, geo, i, plan.keep_bias, device)
     o_proj = source.get(f"{_layer_name('o', i)}.weight").to(device=device, dtype=torch.float64)
-    cov_root = psd_root(cov)[0] if cov is not None else None
+    if cov is not None and cov_root is None:
+        cov_root = psd_root(cov)[0]
     form = mla_form(src, plan.slots, plan.q_scale, cov_root)
     if cov is None:
         factors = weight_svd(form.kv, plan.kv_rank)

@@ -66,6 +66,7 @@ class Plan:
     method: str = "svd"  # "svd": data-free weight SVD; "activation": fitted on calibration activations
     stride: int = 1  # portable: the ladder holds every stride-th source frequency
     key_weight: float = 1.0  # activation method: weight of key error against value error in the latent
+    refit_output: bool = True  # activation method: refit o_proj to the source attention output
 
     @property
     def kv_elements(self) -> int:
@@ -110,6 +111,7 @@ def make_plan(
     rope_dim: int | None = None,
     kv_budget: float | None = None,
     dtype: str = "auto",
+    stride: int = 1,
     key_energy: Callable[[], torch.Tensor] | None = None,
 ) -> Plan:
     """Decide the conversion.
@@ -152,7 +154,11 @@ def make_plan(
 
     inv_freq, rope_scaling = source_inv_freq(config, d)
     if target == "portable":
-        theta = portable_theta(geo.rope_theta, rope_dim, d)
+        if stride < 1 or (rope_dim // 2 - 1) * stride > d // 2 - 1:
+            raise ConversionError(
+                f"a rotary ladder of {rope_dim // 2} frequencies at stride {stride} overruns the source's {d // 2}"
+            )
+        theta = portable_theta(geo.rope_theta, rope_dim, d, stride)
         slot_freq = ladder(rope_dim, theta)
         matches = match_ladder(slot_freq, inv_freq)
         slots: list[Slot] = [None if i is None else (i, 0) for i in matches]
@@ -212,6 +218,7 @@ def make_plan(
         residual_scale=math.sqrt(LATENT_NORM_EPS / geo.rms_norm_eps),
         split_reason=split_reason,
         warnings=warnings,
+        stride=stride if target == "portable" else 1,
     )
 
 

@@ -6,9 +6,13 @@ Schema of mla_report.json (version 1):
             rotary_slots [[frequency_index, component] | null]},
   kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer, ratio,
             original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
-  layers [{index, k_rel_error, v_rel_error, rope_energy_kept}],
+  layers [{index, k_rel_error, v_rel_error, rope_energy_kept, k_act_error, v_act_error, attn_output_error}]
+         (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
-           rope_energy_kept_min},
+           rope_energy_kept_min, and with calibration k_act_error_*, v_act_error_*, attn_output_error_* (mean, max)},
+  calibration {method, source, tokens} or null,
+  evaluation {text, tokens, source_perplexity, converted_perplexity, perplexity_ratio, kl_to_source,
+              top1_agreement} or null,
   verification {tokens, max_abs_logit_diff, top1_agreement, kl_mean, measured_cache_elements_per_token_per_layer}
                or null when skipped,
   warnings [str]
@@ -52,6 +56,12 @@ class Report:
     layers: list[LayerStats]
     verification: Verification | None = None
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return any(layer.attn_output_error is not None for layer in self.layers)
 
     def kv_cache(self) -> dict[str, Any]:
         geo = self.plan.geometry
@@ -73,7 +83,7 @@ class Report:
         def mean(xs: list[float]) -> float:
             return sum(xs) / len(xs)
 
-        return {
+        out = {
             "k_rel_error_mean": stat("k_rel_error", mean),
             "k_rel_error_max": stat("k_rel_error", max),
             "v_rel_error_mean": stat("v_rel_error", mean),
@@ -81,6 +91,11 @@ class Report:
             "rope_energy_kept_mean": stat("rope_energy_kept", mean),
             "rope_energy_kept_min": stat("rope_energy_kept", min),
         }
+        if self.calibrated:
+            for key in ("k_act_error", "v_act_error", "attn_output_error"):
+                out[f"{key}_mean"] = stat(key, mean)
+                out[f"{key}_max"] = stat(key, max)
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         plan, geo = self.plan, self.plan.geometry
@@ -112,10 +127,15 @@ class Report:
                     "k_rel_error": layer.k_rel_error,
                     "v_rel_error": layer.v_rel_error,
                     "rope_energy_kept": layer.rope_energy_kept,
+                    "k_act_error": layer.k_act_error,
+                    "v_act_error": layer.v_act_error,
+                    "attn_output_error": layer.attn_output_error,
                 }
                 for layer in self.layers
             ],
             "summary": self.summary(),
+            "calibration": self.calibration,
+            "evaluation": self.evaluation,
             "verification": self.verification.as_dict() if self.verification else None,
             "warnings": self.warnings,
         }
@@ -130,13 +150,23 @@ class Report:
             "rotary energy kept",
             footer=f"{summary['rope_energy_kept_mean']:.1%} / {summary['rope_energy_kept_min']:.1%}",
         )
+        if self.calibrated:
+            for key, title in (
+                ("k_act_error", "K err (activations)"),
+                ("v_act_error", "V err (activations)"),
+                ("attn_output_error", "attn output err"),
+            ):
+                table.add_column(title, footer=_pair(summary[f"{key}_mean"], summary[f"{key}_max"]))
         for layer in self.layers:
-            table.add_row(
+            row = [
                 str(layer.index),
                 f"{layer.k_rel_error:.2e}",
                 f"{layer.v_rel_error:.2e}",
                 f"{layer.rope_energy_kept:.1%}",
-            )
+            ]
+            if self.calibrated:
+                row += [f"{layer.k_act_error:.2e}", f"{layer.v_act_error:.2e}", f"{layer.attn_output_error:.2e}"]
+            table.add_row(*row)
         return table
 
     def cache_table(self) -> Table:
@@ -174,6 +204,23 @@ class Report:
             f"- Rotary key energy that still rotates: mean {summary['rope_energy_kept_mean']:.1%}, "
             f"lowest {summary['rope_energy_kept_min']:.1%}",
         ]
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"- Method: {c['method']}, calibrated on {c['tokens']} tokens ({c['source']})")
+        if self.calibrated:
+            lines.append(
+                f"- On calibration activations: key error mean {summary['k_act_error_mean']:.2e}, value error "
+                f"mean {summary['v_act_error_mean']:.2e}, attention output error mean "
+                f"{summary['attn_output_error_mean']:.2e}"
+            )
+        if self.evaluation:
+            e = self.evaluation
+            lines.append(
+                f"- One-shot perplexity on {e['tokens']} held-out tokens ({e['text']}): "
+                f"source {e['source_perplexity']:.3f}, converted {e['converted_perplexity']:.3f} "
+                f"(ratio {e['perplexity_ratio']:.3f}); KL to source "
+                f"{e['kl_to_source']:.4f} nats, top-1 agreement {e['top1_agreement']:.1%}"
+            )
         if self.verification:
             v = self.verification
             lines.append(

@@ -59,6 +59,7 @@ class SequentialCalibrator:
             self.ds_pos = DeepseekV3RotaryEmbedding(self.config)(self.h[:1], positions)
             self.src_pos = model.model.rotary_emb(self.h[:1], positions)
         self._x: torch.Tensor | None = None
+        self.refit_output = plan.refit_output
 
     @torch.no_grad()
     def covariance(self, index: int) -> torch.Tensor:
@@ -68,15 +69,48 @@ class SequentialCalibrator:
 
     @torch.no_grad()
     def advance(self, index: int, tensors: dict[str, torch.Tensor]) -> float:
+        """Refit o_proj to the source attention output on these inputs, then move the stream on."""
         layer = build_layer(self.config, index, tensors)
         x = self._x
         assert x is not None
         src_attn = self.layers[index].self_attn
-        ref = _batched(lambda t: src_attn(t, self.src_pos, None)[0], x)
-        out = _batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x) / self.lam
+        ref = _batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
+        if self.refit_output:
+            heads = _batched(lambda t: _o_proj_input(layer.self_attn, t, self.ds_pos), x)
+            name = f"model.layers.{index}.self_attn.o_proj.weight"
+            fitted = refit_linear(heads, ref, tensors[name].to(torch.float64))
+            tensors[name] = fitted
+            layer.self_attn.o_proj.weight.copy_(fitted.float())
+        out = _batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x)
         self.h = _batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
         self._x = None
         return relative(out, ref)
+
+
+def _o_proj_input(attn: DeepseekV3Attention, x: torch.Tensor, pos: Any) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+    hook = attn.o_proj.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+    try:
+        attn(x, pos, None)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def refit_linear(
+    inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, ridge: float = 1e-4
+) -> torch.Tensor:
+    """Least-squares W minimising |W z - o|^2 + mu |W - W0|^2 over all tokens (mu relative to the input energy).
+
+    Pulling toward the current weight W0 keeps the fit stable where the calibration inputs are thin, and
+    leaves an already exact layer as it was.
+    """
+    z = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+    o = targets.reshape(-1, targets.shape[-1]).to(torch.float64)
+    gram = z.T @ z
+    mu = ridge * float(torch.trace(gram)) / gram.shape[0]
+    rhs = o.T @ z + mu * weight
+    return torch.linalg.solve(gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype), rhs.T).T
 
 
 def build_layer(config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor]) -> DeepseekV3DecoderLayer:

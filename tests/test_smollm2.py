@@ -14,7 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .helpers import load
 
-PROSE = (Path(__file__).parent / "data" / "prose.txt").read_text()
+DATA = Path(__file__).parent / "data"
+PROSE = (DATA / "prose.txt").read_text()
+# Calibration on technical text (this project's method notes), evaluation on unrelated prose.
+CALIB = ["--calib-data", str(Path(__file__).parents[1] / "docs" / "method.md"), "--calib-tokens", "2048"]
+CALIB += ["--calib-seq-len", "128", "--eval-data", str(DATA / "prose.txt")]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, c
 
 
 def test_portable_profile_reports_smollm2_rotary_loss(smollm2, converted):
-    out = converted(smollm2[3], "portable", "--no-verify")
+    out = converted(smollm2[3], "portable", "--no-verify", *CALIB)
     report = json.loads((out / "mla_report.json").read_text())
     assert report["settings"]["target"] == "portable" and report["settings"]["qk_rope_head_dim"] == 64
     kept = [layer["rope_energy_kept"] for layer in report["layers"]]
@@ -88,7 +92,7 @@ def test_portable_profile_reports_smollm2_rotary_loss(smollm2, converted):
 
 def test_compressed_smollm2_loads_generates_and_caches_the_latent(smollm2, converted):
     tokenizer, _, _, copy = smollm2
-    out = converted(copy, "compressed", "--kv-rank", "128", "--rope-dim", "64")
+    out = converted(copy, "compressed", "--kv-rank", "128", "--rope-dim", "64", *CALIB)
     report = json.loads((out / "mla_report.json").read_text())
     assert report["kv_cache"]["converted_elements_per_token_per_layer"] == 192
     assert report["kv_cache"]["ratio"] == 0.5
@@ -104,3 +108,5 @@ def test_compressed_smollm2_loads_generates_and_caches_the_latent(smollm2, conve
     assert "384 -> 192 elements" in card and "| 29 |" in card
     assert report["verification"]["measured_cache_elements_per_token_per_layer"] == 192
     assert (out / "tokenizer.json").is_file()
+    assert report["calibration"]["tokens"] == 2048 and report["evaluation"]["text"].endswith("prose.txt")
+    assert report["evaluation"]["perplexity_ratio"] < 3.0  # activation-aware at half the cache: see docs/results.md

@@ -80,9 +80,7 @@ def rotary_components(
     return RotaryComponents(components=components, coef=coef, energy=energy)
 
 
-def mla_form(
-    src: SourceAttention, slots: list[Slot], q_scale: float, cov_root: torch.Tensor | None = None
-) -> MLAForm:
+def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float, cov_root: torch.Tensor | None = None) -> MLAForm:
     """Rewrite one layer into MLA form with the given rotary slots (see module docstring)."""
     heads, kv_heads, d = src.num_heads, src.num_kv_heads, src.head_dim
     feats = src.q.shape[1]

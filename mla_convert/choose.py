@@ -1,0 +1,107 @@
+"""Choose how to spend a KV budget (rotary width, which frequencies, latent width) by measurement.
+
+Each candidate split is converted layer by layer on a few calibration windows and scored by how far its
+attention output lands from the source's on the same inputs (after the same o_proj refit as the real
+run). The lowest mean relative error wins; the table of all candidates goes into the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .convert import layer_tensors
+from .errors import ConversionError
+from .mla.activation import psd_root
+from .plan import Plan
+from .sequential import (
+    SourceWalk,
+    _batched,
+    _o_proj_input,
+    build_attention,
+    deepseek_runtime_config,
+    refit_linear,
+    relative,
+    second_moment,
+)
+from .source import Source
+
+ROPE_CHOICES = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+STRIDES = (1, 2)
+SELECTION_WINDOWS = 8
+
+
+@dataclass
+class Scored:
+    plan: Plan
+    error: float  # mean over layers of the relative attention-output error
+
+    def describe(self) -> str:
+        return f"rope {self.plan.rope_dim} (stride {self.plan.stride}) + latent {self.plan.kv_rank}: {self.error:.4f}"
+
+
+def budget_candidates(
+    make: Callable[..., Plan], total: int, head_dim: int, max_rope: int, portable: bool
+) -> list[Plan]:
+    """Valid (rope width, stride) splits of `total` cache elements; the latent takes the rest."""
+    plans = []
+    for rope in ROPE_CHOICES:
+        if rope > max_rope or rope >= total:
+            continue
+        for stride in STRIDES if portable else (1,):
+            if (rope // 2 - 1) * stride > head_dim // 2 - 1:
+                continue
+            try:
+                plans.append(make(rope_dim=rope, kv_rank=total - rope, stride=stride))
+            except ConversionError:
+                continue
+    if not plans:
+        raise ConversionError(f"no valid split of {total} cache elements between rotary key and latent")
+    return plans
+
+
+@torch.no_grad()
+def score_candidates(
+    source: Source, plans: list[Plan], ids: torch.Tensor, on_layer: Callable[[int], None] | None = None
+) -> list[Scored]:
+    """Run every candidate on the source's own activations, layer by layer."""
+    walk = SourceWalk(source, ids[:SELECTION_WINDOWS])
+    runtimes = []
+    for plan in plans:
+        config = deepseek_runtime_config(plan, source.config)
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+        positions = torch.arange(ids.shape[1])[None]
+        runtimes.append((config, DeepseekV3RotaryEmbedding(config)(walk.h[:1], positions)))
+    totals = [0.0] * len(plans)
+    layers = plans[0].geometry.layers
+    for i in range(layers):
+        x, ref = walk.step(i)
+        cov = second_moment(x)
+        root = psd_root(cov)[0]
+        for c, (plan, (config, pos)) in enumerate(zip(plans, runtimes, strict=True)):
+            tensors, _ = layer_tensors(source, plan, i, cov, cov_root=root)
+            attn = build_attention(config, i, tensors)
+            target = ref * plan.residual_scale
+            if plan.refit_output:
+                heads = _batched(lambda t, a=attn, p=pos: _o_proj_input(a, t, p), x)
+                fitted = refit_linear(heads, target, attn.o_proj.weight.to(torch.float64))
+                attn.o_proj.weight.copy_(fitted.float())
+            out = _batched(lambda t, a=attn, p=pos: a(t, p, None)[0], x)
+            totals[c] += relative(out, target)
+        if on_layer:
+            on_layer(i)
+    return [Scored(plan, total / layers) for plan, total in zip(plans, totals, strict=True)]
+
+
+def pick(scored: list[Scored]) -> tuple[Plan, str]:
+    best = min(scored, key=lambda s: s.error if math.isfinite(s.error) else math.inf)
+    table = "; ".join(s.describe() for s in sorted(scored, key=lambda s: s.error))
+    reason = (
+        f"measured on calibration windows, mean relative attention-output error per layer: {table}; "
+        f"chose rope {best.plan.rope_dim} (stride {best.plan.stride}) + latent {best.plan.kv_rank}"
+    )
+    return best.plan, reason
