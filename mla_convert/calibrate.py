@@ -49,7 +49,7 @@ def read_texts(spec: str, column: str = "text") -> list[str]:
             texts = _read_parquet(path, column)
         else:
             raise ConversionError(f"unsupported text data format '{suffix}' ({path}); use .txt, .jsonl or .parquet")
-    elif suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet") or ("/" not in spec.strip("/") and "\\" in spec):
+    elif suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet") or _looks_like_path(spec):
         raise ConversionError(f"text data file not found: {path}")
     else:
         texts = _read_hub_dataset(spec, column)
@@ -57,6 +57,12 @@ def read_texts(spec: str, column: str = "text") -> list[str]:
     if not texts:
         raise ConversionError(f"text data {spec} holds no text")
     return texts
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub dataset id `[OWNER/]NAME[:CONFIG][@SPLIT]` (at most one '/' in the name)."""
+    name = spec.partition("@")[0].partition(":")[0]
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or name.count("/") > 1
 
 
 def _read_text_file(path: Path) -> str:
@@ -68,7 +74,7 @@ def _read_text_file(path: Path) -> str:
 
 def _read_jsonl(path: Path, column: str) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -78,7 +84,8 @@ def _read_jsonl(path: Path, column: str) -> list[str]:
         if not isinstance(record, dict) or column not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise ConversionError(f"{path.name} line {number} has no '{column}' field (it has: {keys})")
-        texts.append(str(record[column]))
+        if record[column] is not None:  # a JSON null is no text (as a parquet null)
+            texts.append(str(record[column]))
     return texts
 
 
@@ -138,14 +145,15 @@ def split_windows(
         take = min(wanted, max(1, available - max(1, available // 5)) if available > 1 else 1)
     else:
         take = min(wanted, available)
-    if take < wanted:
-        warnings.append(
-            f"{origin} gave {take * seq_len} calibration tokens, fewer than the {wanted * seq_len} asked for"
-        )
     calib = TokenWindows(windows[:take], origin)
     held_out = None
     if want_eval and available > take:
         held_out = TokenWindows(windows[take : take + wanted], f"{origin} (held-out tail)")
+    if take < wanted:
+        kept = f"; the remaining {(available - take) * seq_len} are held out for evaluation" if held_out else ""
+        warnings.append(
+            f"{origin} gave {take * seq_len} calibration tokens, fewer than the {wanted * seq_len} asked for{kept}"
+        )
     return calib, held_out, warnings
 
 
@@ -216,7 +224,8 @@ def text_sets(
     notes: list[str] = []
     evaluation: TokenWindows | None = None
     if (calib_data or eval_data) and tokenizer is None:
-        raise ConversionError(f"{source.label} has no tokenizer, so text data cannot be used; omit --calib-data")
+        given = " and ".join(flag for flag, data in (("--calib-data", calib_data), ("--eval-data", eval_data)) if data)
+        raise ConversionError(f"{source.label} has no tokenizer, so text data cannot be used; omit {given}")
     if eval_data:
         ids = tokenize_windows(read_texts(eval_data, column), tokenizer, seq_len)
         if ids.shape[0] == 0:

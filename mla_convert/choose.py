@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
 from .convert import layer_tensors
 from .errors import ConversionError
@@ -19,10 +20,10 @@ from .mla.activation import psd_root
 from .plan import Plan
 from .sequential import (
     SourceWalk,
-    _batched,
-    _o_proj_input,
+    batched,
     build_attention,
     deepseek_runtime_config,
+    o_proj_input,
     refit_linear,
     relative,
     second_moment,
@@ -72,8 +73,6 @@ def score_candidates(
     runtimes = []
     for plan in plans:
         config = deepseek_runtime_config(plan, source.config)
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
-
         positions = torch.arange(ids.shape[1])[None]
         runtimes.append((config, DeepseekV3RotaryEmbedding(config)(walk.h[:1], positions)))
     totals = [0.0] * len(plans)
@@ -87,10 +86,10 @@ def score_candidates(
             attn = build_attention(config, i, tensors)
             target = ref * plan.residual_scale
             if plan.refit_output:
-                heads = _batched(lambda t, a=attn, p=pos: _o_proj_input(a, t, p), x)
+                heads = batched(lambda t, a=attn, p=pos: o_proj_input(a, t, p), x)
                 fitted = refit_linear(heads, target, attn.o_proj.weight.to(torch.float64))
                 attn.o_proj.weight.copy_(fitted.float())
-            out = _batched(lambda t, a=attn, p=pos: a(t, p, None)[0], x)
+            out = batched(lambda t, a=attn, p=pos: a(t, p, None)[0], x)
             totals[c] += relative(out, target)
         if on_layer:
             on_layer(i)

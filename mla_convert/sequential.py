@@ -37,7 +37,7 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
     return aug.T @ aug / aug.shape[0]
 
 
-def _batched(fn: Any, x: torch.Tensor) -> torch.Tensor:
+def batched(fn: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(x[i : i + BATCH]) for i in range(0, x.shape[0], BATCH)])
 
 
@@ -64,7 +64,7 @@ class SequentialCalibrator:
     @torch.no_grad()
     def covariance(self, index: int) -> torch.Tensor:
         norm = self.layers[index].input_layernorm
-        self._x = _batched(lambda h: norm(h / self.lam), self.h)  # equals the converted layer's own norm
+        self._x = batched(lambda h: norm(h / self.lam), self.h)  # equals the converted layer's own norm
         return second_moment(self._x)
 
     @torch.no_grad()
@@ -74,20 +74,20 @@ class SequentialCalibrator:
         x = self._x
         assert x is not None
         src_attn = self.layers[index].self_attn
-        ref = _batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
+        ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
         if self.refit_output:
-            heads = _batched(lambda t: _o_proj_input(layer.self_attn, t, self.ds_pos), x)
+            heads = batched(lambda t: o_proj_input(layer.self_attn, t, self.ds_pos), x)
             name = f"model.layers.{index}.self_attn.o_proj.weight"
             fitted = refit_linear(heads, ref, tensors[name].to(torch.float64))
             tensors[name] = fitted
             layer.self_attn.o_proj.weight.copy_(fitted.float())
-        out = _batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x)
-        self.h = _batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
+        out = batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x)
+        self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
         self._x = None
         return relative(out, ref)
 
 
-def _o_proj_input(attn: DeepseekV3Attention, x: torch.Tensor, pos: Any) -> torch.Tensor:
+def o_proj_input(attn: DeepseekV3Attention, x: torch.Tensor, pos: Any) -> torch.Tensor:
     captured: list[torch.Tensor] = []
     hook = attn.o_proj.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
     try:
@@ -144,7 +144,7 @@ class SourceWalk:
     def step(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention input, source attention output) of layer `index`, then move to the next layer."""
         layer = self.layers[index]
-        x = _batched(layer.input_layernorm, self.h)
-        out = _batched(lambda t: layer.self_attn(t, self.src_pos, None)[0], x)
-        self.h = _batched(lambda h: layer(h, position_embeddings=self.src_pos), self.h)
+        x = batched(layer.input_layernorm, self.h)
+        out = batched(lambda t: layer.self_attn(t, self.src_pos, None)[0], x)
+        self.h = batched(lambda h: layer(h, position_embeddings=self.src_pos), self.h)
         return x, out
