@@ -156,11 +156,11 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
         walk = SourceWalk(source, ids[:8])
         covariances = [second_moment(walk.step(i)[0]) for i in range(plan.geometry.layers)]
         plan = plan_for(source, options, covariances)
-    if options.kv_budget is None:
-        return plan
     geo = plan.geometry
-    total = math.floor(options.kv_budget * geo.kv_elements)
     max_rope = geo.head_dim if options.target == "portable" else geo.kv_heads * geo.head_dim
+    if options.kv_budget is None or (plan.rope_dim == max_rope and not plan.compressed):
+        return plan  # ranks given, or the budget covers the lossless map
+    total = math.floor(options.kv_budget * geo.kv_elements)
     make = partial(
         _plan_with,
         source=source,

@@ -136,16 +136,22 @@ def make_plan(
         if not 0 < kv_budget <= 1:
             raise ConversionError(f"--kv-budget must be in (0, 1], got {kv_budget}")
         total = math.floor(kv_budget * geo.kv_elements)
-        rope_dim = min(max_rope if target == "transformers" else d, max(2, 2 * (total // 6)))
-        kv_rank = total - rope_dim
+        keeps_bias = geo.qkv_bias and target == "transformers"
+        lossless_latent = min((2 * kv - 1) * d if target == "portable" else kv * d, geo.hidden + int(keeps_bias))
+        if total >= max_rope + lossless_latent:
+            rope_dim, kv_rank = max_rope, lossless_latent
+        else:
+            rope_dim = min(max_rope, max(2, 2 * (total // 6)))
+            kv_rank = total - rope_dim
         if kv_rank < 1:
             raise ConversionError(
                 f"--kv-budget {kv_budget} leaves {total} cache elements per token, too few for a rotary key "
                 f"and a latent; the smallest usable budget is {3 / geo.kv_elements:.4f}"
             )
-        split_reason = (
-            f"budget {kv_budget} of {geo.kv_elements} = {total} elements: rope {rope_dim} (a third, even, "
-            f"at most {max_rope}), latent {kv_rank}"
+        split_reason = f"budget {kv_budget} of {geo.kv_elements} = {total} elements: " + (
+            "enough for the lossless map"
+            if rope_dim == max_rope and kv_rank == lossless_latent
+            else f"rope {rope_dim} (a third, even, at most {max_rope}), latent {kv_rank}"
         )
     else:
         split_reason = "ranks given on the command line" if kv_rank or rope_dim else "full size (lossless map)"

@@ -32,6 +32,18 @@ def test_portable_profile_is_exact_when_no_rotary_energy_is_lost(tiny_models, tm
     assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
 
 
+@pytest.mark.parametrize(
+    ("family", "target"), [("llama_gqa_tied", "transformers"), ("llama_dependent_heads", "portable")]
+)
+def test_a_full_budget_gives_the_exact_map_with_either_method(tiny_models, tmp_path, family, target):
+    for method in ("svd", "activation"):
+        out = tmp_path / method
+        options = Options(target=target, kv_budget=1.0, method=method, verify=False, **QUICK_CALIB)
+        report = run(str(tiny_models[family]), out, options)
+        assert report.plan.kv_elements == report.plan.geometry.kv_elements and not report.plan.compressed
+        assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
+
+
 def test_portable_profile_reports_the_rotary_loss_of_independent_heads(tiny_models, tmp_path):
     out = tmp_path / "out"
     report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**QUICK_CALIB))
