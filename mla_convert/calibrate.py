@@ -192,7 +192,7 @@ def sample_windows(model: Any, tokenizer: Any, count: int, seq_len: int, seed: i
 class TextSets:
     """Calibration windows, evaluation windows (if any), and notes for the user and the report."""
 
-    calib: TokenWindows
+    calib: TokenWindows | None  # None when only evaluation text was asked for
     evaluation: TokenWindows | None
     notes: list[str]
 
@@ -217,6 +217,7 @@ def text_sets(
     column: str,
     seed: int,
     need_eval: bool,
+    need_calib: bool = True,
 ) -> TextSets:
     """Build calibration and evaluation windows from files, or sample them from the source model."""
     check_lengths(calib_tokens, seq_len, getattr(source.config, "max_position_embeddings", None))
@@ -231,7 +232,10 @@ def text_sets(
         if ids.shape[0] == 0:
             raise ConversionError(f"--eval-data {eval_data} holds fewer than {seq_len} tokens")
         evaluation = TokenWindows(ids[: max(1, eval_tokens // seq_len)], eval_data)
-    if calib_data:
+    calib: TokenWindows | None = None
+    if not need_calib:
+        pass
+    elif calib_data:
         windows = tokenize_windows(read_texts(calib_data, column), tokenizer, seq_len)
         calib, held_out, warnings = split_windows(
             windows, calib_tokens, seq_len, calib_data, want_eval=need_eval and evaluation is None

@@ -187,7 +187,10 @@ def convert(
                 f"live cache {v.measured_cache_elements} elements/token/layer"
             )
     kv = report.kv_cache()
-    out.print(f"wrote {escape(str(model_out))} (KV cache {kv['ratio']:.3f}x of the source; report in mla_report.json)")
+    out.print(
+        f"wrote {escape(str(model_out))} (KV cache {kv['ratio']:.3f}x of the source; report in mla_report.json)",
+        soft_wrap=True,
+    )
 
 
 def _show_plan(plan, progress, task, quiet: bool) -> None:  # type: ignore[no-untyped-def]

@@ -117,14 +117,15 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
             column=options.text_column,
             seed=options.seed,
             need_eval=calibrated,
+            need_calib=calibrated,
         )
     if calibrated:
-        assert texts is not None
+        assert texts is not None and texts.calib is not None
         plan = _calibrated_plan(source, options, plan, texts.calib.ids, hooks)
     hooks.on_plan(plan)
     with atomic_output(model_out, options.force) as tmp:
         writer = ShardWriter(tmp, plan.dtype, options.max_shard_bytes)
-        calibrator = SequentialCalibrator(source, plan, texts.calib.ids) if calibrated and texts else None
+        calibrator = SequentialCalibrator(source, plan, texts.calib.ids) if texts and texts.calib else None
         hooks.on_stage("converting layers")
         stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device, calibrator=calibrator)
         hooks.on_stage("writing the checkpoint")
@@ -132,9 +133,13 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
         write_json(tmp / "config.json", deepseek_config(plan, source.config))
         _copy_tokenizer(source, tmp)
         report = Report(source_label=source.label, plan=plan, layers=stats, warnings=list(plan.warnings))
+        if options.calib_data and not calibrated:
+            why = "--method svd is data-free" if options.method == "svd" else "the conversion is lossless"
+            report.warnings.append(f"--calib-data was not used: {why}")
         if texts is not None:
             report.warnings += texts.notes
-            report.calibration = {"method": plan.method, "source": texts.calib.origin, "tokens": texts.calib.tokens}
+            if texts.calib is not None:
+                report.calibration = {"method": plan.method, "source": texts.calib.origin, "tokens": texts.calib.tokens}
         if options.verify:
             hooks.on_stage("checking the written model against the source")
             report.verification = verify(source, tmp, seed=options.seed)

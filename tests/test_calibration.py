@@ -34,11 +34,12 @@ EVAL_TOKENS = 96
 RANKS = ("--kv-rank", "12", "--rope-dim", "8", "--no-verify")
 QUICK = (*RANKS, "--calib-tokens", str(CALIB_TOKENS), "--calib-seq-len", str(SEQ), "--eval-tokens", str(EVAL_TOKENS))
 
-WORDS = (
+PROSE = (
     "the model reads a long sentence about keys values and rotary positions while its cache stays small "
     "every layer turns queries into latent vectors so that attention keeps quality at lower memory cost "
     "river mountain garden window yellow quiet bright seven winter market"
-).split()
+)
+WORDS = PROSE.split(" ")
 
 
 # ---------------------------------------------------------------- text and a model with a tokenizer
@@ -67,6 +68,15 @@ def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
 def write_parquet(path: Path, docs: list[str], column: str = "text") -> Path:
     pq.write_table(pa.table({"id": list(range(len(docs))), column: docs}), path)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> object:
+    """Tiny models gain nothing from threads, and spinning threads crawl when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +117,14 @@ def token_count(tokenizer: object, docs: list[str]) -> int:
 
 
 def docs_with_tokens(tokenizer: object, low: int, high: int, seed: int = 5) -> list[str]:
-    """One document of whole sentences holding between low and high tokens (EOS included)."""
-    taken: list[str] = []
-    for sentence in sentences(1000, seed):
-        taken.append(sentence)
-        n = token_count(tokenizer, [" ".join(taken)])
+    """One document holding between low and high tokens (EOS included), grown a word at a time."""
+    words = " ".join(sentences(1000, seed)).split(" ")
+    for end in range(1, len(words) + 1):
+        n = token_count(tokenizer, [" ".join(words[:end])])
         if n >= low:
             assert n < high, f"{n} tokens overshoot [{low}, {high})"
-            return [" ".join(taken)]
-    raise AssertionError("not enough sentences")
+            return [" ".join(words[:end])]
+    raise AssertionError("not enough words")
 
 
 def convert(model: Path, out: Path, **options: object) -> dict:
@@ -375,13 +384,21 @@ BAD_DATA: list[tuple[str, Callable[[Path], Path], tuple[str, ...]]] = [
         _parquet("calib.parquet", {"id": [1, 2], "content": ["a", "b"]}),
         ("calib.parquet has no column 'text'", "(it has: id, content)"),
     ),
-    ("parquet-garbage", _file("calib.parquet", b"PAR1 not really\n"), ("calib.parquet is not a readable parquet file",)),
+    (
+        "parquet-garbage",
+        _file("calib.parquet", b"PAR1 not really\n"),
+        ("calib.parquet is not a readable parquet file",),
+    ),
     (
         "parquet-only-nulls",
         _parquet("calib.parquet", {"text": pa.array([None, None], pa.string())}),
         ("calib.parquet holds no text",),
     ),
-    ("csv", _file("calib.csv", "text\nhello\n"), ("unsupported text data format '.csv'", "use .txt, .jsonl or .parquet")),
+    (
+        "csv",
+        _file("calib.csv", "text\nhello\n"),
+        ("unsupported text data format '.csv'", "use .txt, .jsonl or .parquet"),
+    ),
     ("too-short", _file("short.txt", "Tiny.\n"), ("short.txt holds fewer than 32 tokens, not one calibration window",)),
 ]
 
