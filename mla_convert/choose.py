@@ -23,8 +23,7 @@ from .sequential import (
     batched,
     build_attention,
     deepseek_runtime_config,
-    o_proj_input,
-    refit_linear,
+    refit_output_projection,
     relative,
     second_moment,
 )
@@ -86,9 +85,8 @@ def score_candidates(
             attn = build_attention(config, i, tensors)
             target = ref * plan.residual_scale
             if plan.refit_output:
-                heads = batched(lambda t, a=attn, p=pos: o_proj_input(a, t, p), x)
-                fitted = refit_linear(heads, target, attn.o_proj.weight.to(torch.float64))
-                attn.o_proj.weight.copy_(fitted.float())
+                src_attn = walk.layers[i].self_attn
+                refit_output_projection(attn, x, pos, src_attn, walk.src_pos, plan.residual_scale, tensors, i)
             out = batched(lambda t, a=attn, p=pos: a(t, p, None)[0], x)
             totals[c] += relative(out, target)
         if on_layer:
