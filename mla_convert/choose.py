@@ -85,8 +85,7 @@ def score_candidates(
             attn = build_attention(config, i, tensors)
             target = ref * plan.residual_scale
             if plan.refit_output:
-                src_attn = walk.layers[i].self_attn
-                refit_output_projection(attn, x, pos, src_attn, walk.src_pos, plan.residual_scale, tensors, i)
+                refit_output_projection(attn, x, pos, target, tensors, i)
             out = batched(lambda t, a=attn, p=pos: a(t, p, None)[0], x)
             totals[c] += relative(out, target)
         if on_layer:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,7 +68,8 @@ class Hooks:
     on_stage: Callable[[str], None] = lambda text: None
 
 
-def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] | None = None) -> Plan:
+def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] | None = None, stride: int = 1) -> Plan:
+    """The plan for these options; covariances make the transformers profile's rotary choice activation-aware."""
     geo = geometry_of(source.config)
     keep_bias = geo.qkv_bias and options.target == "transformers"
     plan = make_plan(
@@ -79,6 +79,7 @@ def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] |
         rope_dim=options.rope_dim,
         kv_budget=options.kv_budget,
         dtype=options.dtype,
+        stride=stride,
         key_energy=lambda: key_energies(source, geo, keep_bias, covariances),
     )
     plan.method = options.method
@@ -166,12 +167,11 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     if options.kv_budget is None or (plan.rope_dim == max_rope and not plan.compressed):
         return plan  # ranks given, or the budget covers the lossless map
     total = math.floor(options.kv_budget * geo.kv_elements)
-    make = partial(
-        _plan_with,
-        source=source,
-        options=replace(options, kv_budget=None),
-        covariances=covariances,
-    )
+
+    def make(rope_dim: int, kv_rank: int, stride: int) -> Plan:
+        ranks = replace(options, kv_budget=None, kv_rank=kv_rank, rope_dim=rope_dim)
+        return plan_for(source, ranks, covariances, stride)
+
     candidates = budget_candidates(make, total, geo.head_dim, max_rope, portable=options.target == "portable")
     if len(candidates) == 1:
         return candidates[0]
@@ -179,30 +179,6 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     best, reason = pick(score_candidates(source, candidates, ids))
     best.split_reason = f"budget {options.kv_budget} of {geo.kv_elements} = {total} elements; {reason}"
     return best
-
-
-def _plan_with(
-    *,
-    source: Source,
-    options: Options,
-    covariances: list[torch.Tensor] | None,
-    rope_dim: int,
-    kv_rank: int,
-    stride: int,
-) -> Plan:
-    geo = geometry_of(source.config)
-    keep_bias = geo.qkv_bias and options.target == "transformers"
-    plan = make_plan(
-        source.config,
-        target=options.target,
-        kv_rank=kv_rank,
-        rope_dim=rope_dim,
-        dtype=options.dtype,
-        stride=stride,
-        key_energy=lambda: key_energies(source, geo, keep_bias, covariances),
-    )
-    plan.method = options.method
-    return plan
 
 
 def _load(path: Path) -> torch.nn.Module:

@@ -1,8 +1,9 @@
 """Layer-by-layer calibration: statistics for layer i come from the inputs that converted layers 0..i-1
 produce, so approximation errors are seen (and partly absorbed) instead of silently compounding.
 
-Only the residual stream of the calibration windows is kept ([windows, seq_len, hidden], float32), plus
-the layer being converted.
+Of the converted model only the residual stream of the calibration windows ([windows, seq_len, hidden],
+float32) and the layer being converted are held. The source model is still held whole (for its
+attention outputs); streaming it layer by layer is future work.
 """
 
 from __future__ import annotations
@@ -74,12 +75,9 @@ class SequentialCalibrator:
         x = self._x
         assert x is not None
         src_attn = self.layers[index].self_attn
+        ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
         if self.refit_output:
-            ref = refit_output_projection(
-                layer.self_attn, x, self.ds_pos, src_attn, self.src_pos, self.lam, tensors, index
-            )
-        else:
-            ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
+            refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
         out = batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x)
         self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
         self._x = None
@@ -90,24 +88,19 @@ def refit_output_projection(
     attn: DeepseekV3Attention,
     x: torch.Tensor,
     pos: Any,
-    source_attn: Any,
-    source_pos: Any,
-    scale: float,
+    target: torch.Tensor,
     tensors: dict[str, torch.Tensor],
     index: int,
-) -> torch.Tensor:
-    """Refit o_proj so the converted attention output matches the source's on the same inputs.
+) -> None:
+    """Refit o_proj so the converted attention output on inputs x matches target (the source's, rescaled).
 
     Ridge least squares pulled towards the current weights, so an exact layer stays as it is. (A per-head
-    refit of the value up-projection before it was tried and measured no better on SmolLM2.) Returns the
-    source attention output in the converted model's units (times the residual scale).
+    refit of the value up-projection before it was tried and measured no better on SmolLM2.)
     """
-    target = batched(lambda t: source_attn(t, source_pos, None)[0], x) * scale
     name = f"model.layers.{index}.self_attn.o_proj.weight"
     inputs = batched(lambda t: o_proj_input(attn, t, pos), x)
     tensors[name] = refit_linear(inputs, target, tensors[name].to(torch.float64))
     attn.o_proj.weight.copy_(tensors[name].float())
-    return target
 
 
 def o_proj_input(attn: DeepseekV3Attention, x: torch.Tensor, pos: Any) -> torch.Tensor:
