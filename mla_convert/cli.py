@@ -250,6 +250,9 @@ def _fail(message: str, verbose: bool) -> None:
 
 
 def main() -> None:
+    if not {"-v", "--verbose"} & set(sys.argv[1:]):
+        # tqdm reads this when it is first imported, so it must be set before transformers loads.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     app(prog_name="mla-convert")
 
 
