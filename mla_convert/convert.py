@@ -125,7 +125,8 @@ def layer_tensors(
     rows = geo.kv_heads * geo.head_dim
     stats = LayerStats(
         index=i,
-        k_rel_error=_part_error(src.k, form.kv[:rows], rec[:rows]),
+        # the rotary slots are exact, so the key error is its no-rope part's, relative to the whole key map
+        k_rel_error=relative_error(form.kv[:rows], rec[:rows], scale=src.k),
         v_rel_error=relative_error(form.kv[rows:], rec[rows:]),
         rope_energy_kept=form.rope_energy_kept,
         latent_scale=attn.latent_scale,
@@ -135,12 +136,6 @@ def layer_tensors(
         stats.k_act_error = activation_error(src.k, src.k - (form.kv[:rows] - rec[:rows]), cov)
         stats.v_act_error = activation_error(form.kv[rows:], rec[rows:], cov)
     return tensors, stats
-
-
-def _part_error(reference: torch.Tensor, exact: torch.Tensor, approx: torch.Tensor) -> float:
-    """Error of the reconstructed keys relative to the whole source key map (the rotary part is exact)."""
-    norm = float(torch.linalg.matrix_norm(reference))
-    return float(torch.linalg.matrix_norm(exact - approx)) / norm if norm > 0 else 0.0
 
 
 def convert(

@@ -32,6 +32,7 @@ def weight_svd(kv: torch.Tensor, rank: int) -> Factors:
     return Factors(down=down, up=up, singular_values=s)
 
 
-def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    norm = float(torch.linalg.matrix_norm(reference))
+def relative_error(reference: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """|reference - approx| / |scale| (Frobenius); scale defaults to the reference itself."""
+    norm = float(torch.linalg.matrix_norm(reference if scale is None else scale))
     return float(torch.linalg.matrix_norm(reference - approx)) / norm if norm > 0 else 0.0
