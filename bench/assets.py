@@ -97,3 +97,15 @@ def technical_docs() -> Path:
 if __name__ == "__main__":
     for fn in (smollm2_gguf, smollm2_dir, english_prose, technical_docs):
         print(fn.__name__, fn())
+
+
+def english_prose_split(eval_docs: int = 60) -> tuple[Path, Path]:
+    """The Lee news corpus cut by whole articles: the first ones for calibration and training, the last
+    `eval_docs` held out for evaluation only (one article per line in the corpus)."""
+    folder = CACHE / "texts"
+    train, held = folder / "lee_news_train.txt", folder / "lee_news_eval.txt"
+    if not (train.is_file() and held.is_file()):
+        docs = [line for line in english_prose().read_text().splitlines() if line.strip()]
+        train.write_text("\n".join(docs[:-eval_docs]) + "\n")
+        held.write_text("\n".join(docs[-eval_docs:]) + "\n")
+    return train, held

@@ -28,6 +28,7 @@ class TokenWindows:
 
     ids: torch.Tensor
     origin: str
+    held_span: tuple[int, int] | None = None  # for a held-out tail: its token range in the file's stream
 
     @property
     def tokens(self) -> int:
@@ -148,7 +149,8 @@ def split_windows(
     calib = TokenWindows(windows[:take], origin)
     held_out = None
     if want_eval and available > take:
-        held_out = TokenWindows(windows[take : take + wanted], f"{origin} (held-out tail)")
+        held = windows[take : take + wanted]
+        held_out = TokenWindows(held, f"{origin} (held-out tail)", (take * seq_len, (take + held.shape[0]) * seq_len))
     if take < wanted:
         kept = f"; the remaining {(available - take) * seq_len} are held out for evaluation" if held_out else ""
         warnings.append(
@@ -195,6 +197,7 @@ class TextSets:
     calib: TokenWindows | None  # None when only evaluation text was asked for
     evaluation: TokenWindows | None
     notes: list[str]
+    train: TokenWindows | None = None  # fine-tune text, disjoint from the evaluation text
 
 
 def check_lengths(calib_tokens: int, seq_len: int, max_positions: int | None) -> None:
@@ -218,20 +221,36 @@ def text_sets(
     seed: int,
     need_eval: bool,
     need_calib: bool = True,
+    train_data: str | None = None,
+    train_tokens: int = 0,
+    train_seq_len: int = 0,
 ) -> TextSets:
-    """Build calibration and evaluation windows from files, or sample them from the source model."""
+    """Build calibration, evaluation and fine-tune windows from files, or sample them from the source model.
+
+    With train_tokens > 0 fine-tune windows come from --train-data, else --calib-data, else the calibration
+    sample; when the evaluation text is the held-out tail of that same file, training never sees it.
+    """
     check_lengths(calib_tokens, seq_len, getattr(source.config, "max_position_embeddings", None))
     tokenizer = source.tokenizer()
     notes: list[str] = []
     evaluation: TokenWindows | None = None
-    if (calib_data or eval_data) and tokenizer is None:
-        given = " and ".join(flag for flag, data in (("--calib-data", calib_data), ("--eval-data", eval_data)) if data)
+    if (calib_data or eval_data or train_data) and tokenizer is None:
+        flags = (("--calib-data", calib_data), ("--eval-data", eval_data), ("--train-data", train_data))
+        given = " and ".join(flag for flag, data in flags if data)
         raise ConversionError(f"{source.label} has no tokenizer, so text data cannot be used; omit {given}")
     if eval_data:
         ids = tokenize_windows(read_texts(eval_data, column), tokenizer, seq_len)
         if ids.shape[0] == 0:
             raise ConversionError(f"--eval-data {eval_data} holds fewer than {seq_len} tokens")
         evaluation = TokenWindows(ids[: max(1, eval_tokens // seq_len)], eval_data)
+    if train_data and train_tokens > 0 and evaluation is None and not calib_data:
+        # the held-out tail of the training text is the evaluation text
+        windows = tokenize_windows(read_texts(train_data, column), tokenizer, seq_len)
+        if windows.shape[0] == 0:
+            raise ConversionError(f"--train-data {train_data} holds fewer than {seq_len} tokens")
+        _, held_out, _ = split_windows(windows, train_tokens, seq_len, train_data, want_eval=True)
+        if held_out is not None:
+            evaluation = _first_tokens(held_out, eval_tokens, seq_len)
     calib: TokenWindows | None = None
     if not need_calib:
         pass
@@ -242,7 +261,7 @@ def text_sets(
         )
         notes += warnings
         if evaluation is None and held_out is not None:
-            evaluation = TokenWindows(held_out.ids[: max(1, eval_tokens // seq_len)], held_out.origin)
+            evaluation = _first_tokens(held_out, eval_tokens, seq_len)
     else:
         count = max(1, calib_tokens // seq_len)
         notes.append(f"no --calib-data: calibrating on {count * seq_len} tokens sampled from the source model itself")
@@ -251,5 +270,63 @@ def text_sets(
         count = max(1, min(eval_tokens, 4096) // seq_len)
         ids = sample_windows(source.model(), tokenizer, count, seq_len, seed + 1)
         evaluation = TokenWindows(ids, "sampled from the source (separate seed)")
-        notes.append("no evaluation text: one-shot perplexity is measured on a separate sample from the source")
-    return TextSets(calib=calib, evaluation=evaluation, notes=notes)
+        notes.append("no evaluation text: quality is measured on a separate sample from the source")
+    train = None
+    if train_tokens > 0:
+        train = _train_windows(
+            source,
+            tokenizer,
+            train_data or calib_data,
+            column,
+            train_tokens,
+            train_seq_len,
+            calib,
+            evaluation,
+            seed,
+            notes,
+        )
+    return TextSets(calib=calib, evaluation=evaluation, notes=notes, train=train)
+
+
+def _first_tokens(held_out: TokenWindows, tokens: int, seq_len: int) -> TokenWindows:
+    """The first windows of a held-out slice, up to `tokens`, with their own token span."""
+    ids = held_out.ids[: max(1, tokens // seq_len)]
+    assert held_out.held_span is not None
+    start = held_out.held_span[0]
+    return TokenWindows(ids, held_out.origin, (start, start + ids.numel()))
+
+
+def _train_windows(
+    source: Any,
+    tokenizer: Any,
+    data: str | None,
+    column: str,
+    tokens: int,
+    seq_len: int,
+    calib: TokenWindows | None,
+    evaluation: TokenWindows | None,
+    seed: int,
+    notes: list[str],
+) -> TokenWindows:
+    """Fine-tune windows from `data` (skipping any window that touches the held-out span), else sampled."""
+    count = max(1, tokens // seq_len)
+    if data:
+        windows = tokenize_windows(read_texts(data, column), tokenizer, seq_len)
+        if evaluation is not None and evaluation.held_span is not None and evaluation.origin.startswith(data):
+            a, b = evaluation.held_span
+            starts = torch.arange(windows.shape[0]) * seq_len
+            windows = windows[(starts + seq_len <= a) | (starts >= b)]
+        if windows.shape[0] == 0:
+            raise ConversionError(f"--train-data {data} holds fewer than {seq_len} tokens outside the held-out text")
+        if windows.shape[0] < count:
+            notes.append(
+                f"{data} gave {windows.shape[0] * seq_len} fine-tune tokens, fewer than the "
+                f"{count * seq_len} asked for; the fine-tune repeats them"
+            )
+        return TokenWindows(windows[:count], data)
+    if calib is not None and calib.ids.shape[1] == seq_len and calib.origin == "sampled from the source":
+        notes.append("no --train-data: the fine-tune reuses the calibration text sampled from the source")
+        return TokenWindows(calib.ids, calib.origin)
+    count = max(1, min(tokens, 8192) // seq_len)
+    notes.append(f"no --train-data: fine-tuning on {count * seq_len} tokens sampled from the source model itself")
+    return TokenWindows(sample_windows(source.model(), tokenizer, count, seq_len, seed + 2), "sampled from the source")

@@ -1,22 +1,29 @@
-"""The model card (README.md) written beside the converted checkpoint."""
+"""The model card (README.md) written beside the converted checkpoint, rendered from mla_report.json's data
+so the fine-tune stage can re-render it without the conversion's in-memory objects."""
 
 from __future__ import annotations
 
-from .report import Report
+from typing import Any
+
+from .plots import LAYER_PLOT, LOSS_PLOT
+from .report import _bytes
 from .target_config import TRANSFORMERS_ONLY
 
 
-def model_card(report: Report, model_out_name: str) -> str:
-    plan = report.plan
+def model_card(report: dict[str, Any], model_out_name: str) -> str:
+    settings = report["settings"]
     serving = (
         f"> **Warning.** {TRANSFORMERS_ONLY}\n"
-        if plan.target == "transformers"
+        if settings["target"] == "transformers"
         else (
             "This checkpoint uses only settings that transformers, vLLM and SGLang compute identically: the plain "
             "rotary frequency ladder, interleaved rotary pairs, no attention biases, an untied output head and "
-            "`rms_norm_eps` equal to the latent-norm epsilon. " + _kernel_note(plan.kv_rank + plan.rope_dim)
+            "`rms_norm_eps` equal to the latent-norm epsilon. "
+            + _kernel_note(settings["kv_lora_rank"] + settings["qk_rope_head_dim"])
         )
     )
+    sections = [conversion_section(report), finetune_section(report), validation_section(report), plots_section(report)]
+    body = "\n".join(s for s in sections if s)
     return f"""---
 library_name: transformers
 tags:
@@ -27,8 +34,8 @@ tags:
 
 # {model_out_name}
 
-Multi-head Latent Attention (DeepSeek-V3 layout) conversion of `{report.source_label}`, made with
-mla-convert {__import__("mla_convert").__version__}. It is a stock `DeepseekV3ForCausalLM` checkpoint:
+Multi-head Latent Attention (DeepSeek-V3 layout) conversion of `{report["source"]["path"]}`, made with
+mla-convert {report["tool"]["version"]}. It is a stock `DeepseekV3ForCausalLM` checkpoint:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,9 +45,111 @@ tokenizer = AutoTokenizer.from_pretrained("{model_out_name}")
 
 {serving}
 
-{report.card_section()}
+{body}
 The full figures are in `mla_report.json`.
 """
+
+
+def conversion_section(r: dict[str, Any]) -> str:
+    src, st, kv, summary = r["source"], r["settings"], r["kv_cache"], r["summary"]
+    lines = [
+        "## Conversion",
+        "",
+        f"- Source: `{src['path']}` ({src['architecture']}, {src['layers']} layers, {src['heads']} query heads, "
+        f"{src['kv_heads']} KV heads, head_dim {src['head_dim']})",
+        f"- Target profile: `{st['target']}`; kv_lora_rank {st['kv_lora_rank']} (lossless {st['lossless_kv_rank']}), "
+        f"qk_rope_head_dim {st['qk_rope_head_dim']}, rope_theta {st['rope_theta']:g}, dtype {st['dtype']}",
+        f"- Split: {st['split_reason']}",
+        f"- KV cache per token per layer: {kv['original_elements_per_token_per_layer']} -> "
+        f"{kv['converted_elements_per_token_per_layer']} elements (ratio {kv['ratio']:.3f}); "
+        f"{_bytes(kv['original_bytes_per_token'])} -> {_bytes(kv['converted_bytes_per_token'])} per token "
+        "over all layers",
+        f"- Key reconstruction error (relative Frobenius): mean {summary['k_rel_error_mean']:.2e}, "
+        f"worst {summary['k_rel_error_max']:.2e}",
+        f"- Value reconstruction error: mean {summary['v_rel_error_mean']:.2e}, worst {summary['v_rel_error_max']:.2e}",
+        f"- Rotary key energy that still rotates: mean {summary['rope_energy_kept_mean']:.1%}, "
+        f"lowest {summary['rope_energy_kept_min']:.1%}",
+    ]
+    if r.get("calibration"):
+        c = r["calibration"]
+        lines.append(f"- Method: {c['method']}, calibrated on {c['tokens']} tokens ({c['source']})")
+    if "attn_output_error_mean" in summary:
+        lines.append(
+            f"- On calibration activations: key error mean {summary['k_act_error_mean']:.2e}, value error "
+            f"mean {summary['v_act_error_mean']:.2e}, attention output error mean "
+            f"{summary['attn_output_error_mean']:.2e}"
+        )
+    if r.get("evaluation"):
+        e = r["evaluation"]
+        lines.append(
+            f"- One-shot perplexity on {e['tokens']} held-out tokens ({e['text']}): "
+            f"source {e['source_perplexity']:.3f}, converted {e['converted_perplexity']:.3f} "
+            f"(ratio {e['perplexity_ratio']:.3f}); KL to source "
+            f"{e['kl_to_source']:.4f} nats, top-1 agreement {e['top1_agreement']:.1%}"
+        )
+    if r.get("verification"):
+        v = r["verification"]
+        lines.append(
+            f"- Check against the source on {v['tokens']} tokens (float32): max |Δlogit| "
+            f"{v['max_abs_logit_diff']:.2e}, top-1 agreement {v['top1_agreement']:.1%}, mean KL {v['kl_mean']:.2e}; "
+            f"live cache holds {v['measured_cache_elements_per_token_per_layer']} elements per token per layer"
+        )
+    lines += ["", "| layer | K rel. error | V rel. error | rotary energy kept |", "|---:|---:|---:|---:|"]
+    lines += [
+        f"| {x['index']} | {x['k_rel_error']:.2e} | {x['v_rel_error']:.2e} | {x['rope_energy_kept']:.1%} |"
+        for x in r["layers"]
+    ]
+    if r.get("warnings"):
+        lines += ["", "### Warnings", ""] + [f"- {w}" for w in r["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def finetune_section(r: dict[str, Any]) -> str:
+    f = r.get("finetune")
+    if not f:
+        return ""
+    return (
+        "## Fine-tune\n\n"
+        f"- Distillation from the source ({f['distill_weight']:g} KL + {1 - f['distill_weight']:g} LM loss), "
+        f"{f['steps']} steps of {f['batch_size']} x {f['seq_len']} tokens ({f['tokens']} tokens, text: {f['text']}), "
+        f"trained: {f['scope']} ({f['trainable_parameters']} parameters), lr {f['lr']:g}, "
+        f"{f['world_size']} process(es), {f['seconds']:.0f} s\n"
+        f"- Loss: first step {f['losses'][0]:.4f}, last step {f['losses'][-1]:.4f}\n"
+    )
+
+
+def validation_section(r: dict[str, Any]) -> str:
+    v = r.get("validation")
+    if not v:
+        return ""
+    lines = [
+        "## Validation",
+        "",
+        f"On {v['tokens']} held-out tokens ({v['text']}):",
+        "",
+        "| model | perplexity | ratio to source | KL to source (nats) | top-1 agreement |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in v["models"]:
+        kl = "" if row["kl_to_source"] is None else f"{row['kl_to_source']:.4f}"
+        top1 = "" if row["top1_agreement"] is None else f"{row['top1_agreement']:.1%}"
+        lines.append(f"| {row['model']} | {row['perplexity']:.3f} | {row['perplexity_ratio']:.3f} | {kl} | {top1} |")
+    g = v.get("generation")
+    if g:
+        lines += ["", f"Greedy continuation ({g['max_new_tokens']} tokens) of: *{g['prompt']}*", ""]
+        lines += ["| model | continuation |", "|---|---|"]
+        for name, text in g["outputs"].items():
+            cell = text.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {name} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots_section(r: dict[str, Any]) -> str:
+    plots = r.get("plots") or []
+    if not plots:
+        return ""
+    titles = {LOSS_PLOT: "Fine-tune loss", LAYER_PLOT: "Per-layer reconstruction error"}
+    return "## Plots\n\n" + "\n".join(f"![{titles.get(p, p)}]({p})" for p in plots) + "\n"
 
 
 def _kernel_note(cache_width: int) -> str:

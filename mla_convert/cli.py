@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -12,7 +13,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import __version__
 from .errors import ConversionError
@@ -37,6 +45,11 @@ class DType(str, Enum):
 class Method(str, Enum):
     activation = "activation"
     svd = "svd"
+
+
+class TrainScope(str, Enum):
+    attention = "attention"
+    all = "all"
 
 
 class Device(str, Enum):
@@ -102,6 +115,34 @@ def convert(
     text_column: Annotated[
         str, typer.Option(help="Field or column holding the text in .jsonl/.parquet/datasets.")
     ] = "text",
+    finetune_steps: Annotated[
+        int, typer.Option(help="Distillation steps after converting; 0 skips the fine-tune (lossless never trains).")
+    ] = 100,
+    train_data: Annotated[
+        str | None, typer.Option(help="Fine-tune text (same formats); default: --calib-data, else sampled text.")
+    ] = None,
+    train_tokens: Annotated[int, typer.Option(help="Fine-tune tokens to read at most (repeated if needed).")] = 65536,
+    train_seq_len: Annotated[int, typer.Option(help="Tokens per fine-tune window.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Windows per optimizer step, over all processes.")] = 8,
+    micro_batch_size: Annotated[int, typer.Option(help="Windows per forward pass (gradient accumulation).")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay.")] = 10,
+    train: Annotated[
+        TrainScope, typer.Option(help="attention: the converted attention only (default); all: every weight.")
+    ] = TrainScope.attention,
+    distill_weight: Annotated[
+        float, typer.Option(help="Weight of the KL-to-source loss; the rest is the language-model loss.")
+    ] = 1.0,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute activations to save memory.")
+    ] = False,
+    save_every: Annotated[int, typer.Option(help="Save a training checkpoint every N steps (0: never).")] = 25,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the unfinished fine-tune in MODEL_OUT from its last checkpoint.")
+    ] = False,
+    validate: Annotated[
+        bool, typer.Option("--validate/--no-validate", help="Measure quality on held-out text at the end.")
+    ] = True,
     dtype: Annotated[DType, typer.Option(help="Output dtype; auto keeps the source's.")] = DType.auto,
     device: Annotated[Device, typer.Option(help="Where to compute the factorization.")] = Device.cpu,
     force: Annotated[bool, typer.Option("--force", help="Replace MODEL_OUT if it exists.")] = False,
@@ -120,6 +161,7 @@ def convert(
     _quiet_libraries(verbose)
     try:
         from .job import Hooks, Options, run
+        from .train import TrainSettings
 
         resolved_device = _resolve_device(device.value)
         options = Options(
@@ -140,6 +182,22 @@ def convert(
             eval_data=eval_data,
             eval_tokens=eval_tokens,
             text_column=text_column,
+            finetune_steps=finetune_steps,
+            train=TrainSettings(
+                lr=lr,
+                warmup_steps=warmup_steps,
+                batch_size=batch_size,
+                micro_batch_size=micro_batch_size,
+                seq_len=train_seq_len,
+                scope=train.value,
+                distill_weight=distill_weight,
+                gradient_checkpointing=gradient_checkpointing,
+            ),
+            train_data=train_data,
+            train_tokens=train_tokens,
+            save_every=save_every,
+            resume=resume,
+            validate=validate,
         )
         with _progress(quiet) as progress:
             task = progress.add_task("starting", total=None)
@@ -147,6 +205,8 @@ def convert(
                 on_stage=lambda text: progress.update(task, description=text),
                 on_plan=lambda plan: _show_plan(plan, progress, task, quiet),
                 on_layer=lambda stats: progress.advance(task),
+                on_train_start=lambda total: progress.update(task, total=total, completed=0),
+                on_step=lambda info: _show_step(info, progress, task, quiet),
             )
             report = run(model_in, model_out, options, hooks)
     except ConversionError as exc:
@@ -154,7 +214,10 @@ def convert(
     except typer.BadParameter as exc:
         _fail(f"--max-shard-size: {exc}", verbose)
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing was written to MODEL_OUT")
+        from .finetune import interrupted_note
+
+        note = interrupted_note(model_out) or "nothing was written to MODEL_OUT"
+        err.print(f"[red]interrupted[/red]: {escape(note)}", soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception as exc:  # anything unexpected still gets one line unless -v
         if verbose:
@@ -165,32 +228,49 @@ def convert(
             verbose,
         )
 
-    for warning in report.warnings:
+    from .report import cache_table, generation_table, layer_table, validation_table
+
+    for warning in report["warnings"]:
         err.print(f"[yellow]warning[/yellow]: {escape(warning)}", soft_wrap=True)
     if not quiet:
-        out.print(report.layer_table())
-        out.print(report.cache_table())
-        if report.evaluation:
-            e = report.evaluation
+        out.print(layer_table(report))
+        out.print(cache_table(report))
+        if report.get("verification"):
+            v = report["verification"]
             out.print(
-                f"one-shot perplexity on {e['tokens']} held-out tokens ({escape(e['text'])}): source "
-                f"{e['source_perplexity']:.3f}, converted {e['converted_perplexity']:.3f} "
-                f"(x{e['perplexity_ratio']:.3f}), KL {e['kl_to_source']:.4f}, "
-                f"top-1 agreement {e['top1_agreement']:.1%}",
-                soft_wrap=True,
+                f"check on {v['tokens']} tokens: max |Δlogit| {v['max_abs_logit_diff']:.2e}, top-1 agreement "
+                f"{v['top1_agreement']:.1%}, KL {v['kl_mean']:.2e}, "
+                f"live cache {v['measured_cache_elements_per_token_per_layer']} elements/token/layer"
             )
-        if report.verification:
-            v = report.verification
+        if report.get("finetune"):
+            f = report["finetune"]
             out.print(
-                f"check on {v.tokens} tokens: max |Δlogit| {v.max_abs_logit_diff:.2e}, top-1 agreement "
-                f"{v.top1_agreement:.1%}, KL {v.kl_mean:.2e}, "
-                f"live cache {v.measured_cache_elements} elements/token/layer"
+                f"fine-tune: {f['steps']} steps, {f['tokens']} tokens in {f['seconds']:.0f} s, "
+                f"loss {f['losses'][0]:.4f} -> {f['losses'][-1]:.4f}"
             )
-    kv = report.kv_cache()
+        for table in (validation_table(report), generation_table(report)):
+            if table is not None:
+                out.print(table)
+    kv = report["kv_cache"]
     out.print(
         f"wrote {escape(str(model_out))} (KV cache {kv['ratio']:.3f}x of the source; report in mla_report.json)",
         soft_wrap=True,
     )
+
+
+def _show_step(info, progress, task, quiet: bool) -> None:  # type: ignore[no-untyped-def]
+    progress.update(
+        task,
+        completed=info.step,
+        description=f"fine-tuning: loss {info.loss:.4f}, {info.tokens_per_second:,.0f} tok/s",
+    )
+    # Without a live bar (logs, CI) print about ten lines over the run.
+    if progress.disable and not quiet and (info.step % max(1, info.total // 10) == 0 or info.step == info.total):
+        err.print(
+            f"fine-tune step {info.step}/{info.total}: loss {info.loss:.4f}, lr {info.lr:.2e}, "
+            f"{info.tokens_per_second:,.0f} tok/s, about {info.seconds_left / 60:.1f} min left",
+            highlight=False,
+        )
 
 
 def _show_plan(plan, progress, task, quiet: bool) -> None:  # type: ignore[no-untyped-def]
@@ -209,6 +289,7 @@ def _progress(quiet: bool) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err,
         # Off when stderr is not a terminal: a transient bar shows nothing there, and rich would still
         # print a stray blank line on stop, ahead of any error message.
@@ -249,7 +330,12 @@ def _fail(message: str, verbose: bool) -> None:
     raise typer.Exit(2)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)  # a kill from a scheduler cleans up like Ctrl-C
     if not {"-v", "--verbose"} & set(sys.argv[1:]):
         # tqdm reads this when it is first imported, so it must be set before transformers loads.
         os.environ.setdefault("TQDM_DISABLE", "1")

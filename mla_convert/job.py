@@ -1,30 +1,35 @@
-"""The conversion job from MODEL_IN to MODEL_OUT: resolve, plan, calibrate, convert, write, verify, report.
+"""The job from MODEL_IN to MODEL_OUT: resolve, plan, calibrate, convert, write, verify, then fine-tune and
+validate (finetune.py), and report.
 
-The CLI calls `run` and only prints; everything that can fail with a user-facing message raises
-ConversionError before MODEL_OUT is touched.
+The CLI calls `run` and only prints. Everything that can fail with a user-facing message about the
+input raises ConversionError before MODEL_OUT is touched. With a fine-tune, MODEL_OUT first holds the
+complete converted model from before training (plus the training state under .finetune/), and is
+replaced by the trained one only when training and validation have finished.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from . import finetune, validate
 from .calibrate import TextSets, text_sets
 from .card import model_card
 from .choose import budget_candidates, pick, score_candidates
 from .convert import LayerStats, convert, key_energies
 from .errors import ConversionError
-from .evaluate import compare
 from .plan import Plan, geometry_of, make_plan
 from .report import Report
 from .sequential import SequentialCalibrator, SourceWalk, second_moment
 from .source import Source, resolve
 from .target_config import deepseek_config
-from .verify import verify
+from .train import StepInfo, TrainSettings, check_settings
+from .verify import load_converted, verify
 from .writer import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
@@ -57,6 +62,13 @@ class Options:
     eval_data: str | None = None
     eval_tokens: int = 8192
     text_column: str = "text"
+    finetune_steps: int = 100
+    train: TrainSettings = field(default_factory=TrainSettings)  # its `steps` follows finetune_steps
+    train_data: str | None = None
+    train_tokens: int = 65536
+    save_every: int = 25
+    resume: bool = False
+    validate: bool = True
 
 
 @dataclass
@@ -66,6 +78,8 @@ class Hooks:
     on_plan: Callable[[Plan], None] = lambda plan: None
     on_layer: Callable[[LayerStats], None] = lambda stats: None
     on_stage: Callable[[str], None] = lambda text: None
+    on_train_start: Callable[[int], None] = lambda total: None
+    on_step: Callable[[StepInfo], None] = lambda info: None
 
 
 def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] | None = None, stride: int = 1) -> Plan:
@@ -94,20 +108,64 @@ def structurally_lossless(plan: Plan) -> bool:
     return not plan.compressed and (every_component or single_head)
 
 
-def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = None) -> Report:
+def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = None) -> dict[str, Any]:
+    """Convert (and fine-tune, and validate); return the report as written to mla_report.json."""
     hooks = hooks or Hooks()
-    if options.method not in METHODS:
-        raise ConversionError(f"--method must be one of {', '.join(METHODS)}, got '{options.method}'")
+    settings = _check_options(options)
+    if options.resume:
+        assert settings is not None
+        return finetune.heal(resolve(model_in), model_out, settings, options, hooks, resume=True)
     torch.manual_seed(options.seed)
     local_in = Path(model_in).expanduser()
     check_output_path(local_in if local_in.exists() else None, model_out, options.force)
     hooks.on_stage("reading the source")
     source = resolve(model_in)
     plan = plan_for(source, options)  # validates every flag before any heavy work
+    wants_finetune = settings is not None and not structurally_lossless(plan)
+    if wants_finetune:
+        assert settings is not None
+        check_settings(settings, getattr(source.config, "max_position_embeddings", None))
+    report = finetune.main_process_first(
+        lambda: _convert_stage(source, model_out, options, plan, settings, hooks), enabled=wants_finetune
+    )
+    if not wants_finetune:  # a lossless conversion has nothing to heal
+        assert report is not None
+        return report
+    assert settings is not None
+    return finetune.heal(source, model_out, settings, options, hooks, resume=False)
+
+
+def _check_options(options: Options) -> TrainSettings | None:
+    """The fine-tune settings (None when it is skipped), after the checks that need no model."""
+    if options.method not in METHODS:
+        raise ConversionError(f"--method must be one of {', '.join(METHODS)}, got '{options.method}'")
+    if options.finetune_steps < 0:
+        raise ConversionError(
+            f"--finetune-steps must be positive, or 0 to skip the fine-tune; got {options.finetune_steps}"
+        )
+    if options.save_every < 0:
+        raise ConversionError(f"--save-every must be positive (0: only at the end), got {options.save_every}")
+    if options.train_tokens <= 0:
+        raise ConversionError(f"--train-tokens must be positive, got {options.train_tokens}")
+    if options.finetune_steps == 0:
+        if options.resume:
+            raise ConversionError("--resume continues a fine-tune, but --finetune-steps is 0")
+        return None
+    settings = replace(options.train, steps=options.finetune_steps, seed=options.seed)
+    check_settings(settings, None)
+    return settings
+
+
+def _convert_stage(
+    source: Source, model_out: Path, options: Options, plan: Plan, settings: TrainSettings | None, hooks: Hooks
+) -> dict[str, Any]:
+    """Write the converted checkpoint to MODEL_OUT; with a fine-tune to follow, also its data and a pending note."""
     calibrated = options.method == "activation" and not structurally_lossless(plan)
+    training = settings is not None and not structurally_lossless(plan)
+    need_eval = calibrated or options.validate
     texts: TextSets | None = None
-    if calibrated or options.eval_data:
-        hooks.on_stage("preparing calibration text" if calibrated else "preparing evaluation text")
+    if calibrated or need_eval or options.eval_data or training:
+        hooks.on_stage("preparing calibration text" if calibrated else "preparing text")
         texts = text_sets(
             source,
             calib_data=options.calib_data,
@@ -117,8 +175,11 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
             eval_tokens=options.eval_tokens,
             column=options.text_column,
             seed=options.seed,
-            need_eval=calibrated,
+            need_eval=need_eval,
             need_calib=calibrated,
+            train_data=options.train_data,
+            train_tokens=options.train_tokens if training else 0,
+            train_seq_len=settings.seq_len if settings is not None else 0,
         )
     if calibrated:
         assert texts is not None and texts.calib is not None
@@ -144,14 +205,19 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
         if options.verify:
             hooks.on_stage("checking the written model against the source")
             report.verification = verify(source, tmp, seed=options.seed)
-        if texts is not None and texts.evaluation is not None:
-            hooks.on_stage("measuring one-shot perplexity on held-out text")
-            converted = _load(tmp)
-            result = compare(source.model(), converted, texts.evaluation.ids)
-            report.evaluation = {"text": texts.evaluation.origin, **result.as_dict()}
-        write_json(tmp / "mla_report.json", report.as_dict())
-        write_text(tmp / "README.md", model_card(report, model_out.name))
-    return report
+        data = report.as_dict()
+        if training:
+            assert texts is not None and texts.train is not None
+            finetune.stage_data(tmp, texts.train, texts.evaluation)
+            data["warnings"].append(finetune.PENDING)
+        elif options.validate and texts is not None and texts.evaluation is not None:
+            hooks.on_stage("validating on held-out text")
+            data = validate.into_report(data, source, {"converted": load_converted(tmp)}, texts.evaluation, tmp)
+        else:
+            data = validate.into_report(data, None, {}, None, tmp)
+        write_json(tmp / "mla_report.json", data)
+        write_text(tmp / "README.md", model_card(data, model_out.name))
+    return data
 
 
 def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks) -> Plan:
@@ -179,12 +245,6 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     best, reason = pick(score_candidates(source, candidates, ids))
     best.split_reason = f"budget {options.kv_budget} of {geo.kv_elements} = {total} elements; {reason}"
     return best
-
-
-def _load(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def _copy_tokenizer(source: Source, out: Path) -> None:

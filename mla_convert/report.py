@@ -2,7 +2,7 @@
 
 Schema of mla_report.json (version 1):
   schema_version, tool {name, version}, source {path, architecture, layers, heads, kv_heads, head_dim},
-  settings {target, kv_lora_rank, qk_rope_head_dim, rope_theta, dtype, split_reason, lossless_kv_rank,
+  settings {target, kv_lora_rank, qk_rope_head_dim, rope_theta, rotary_stride, dtype, split_reason, lossless_kv_rank,
             rotary_slots [[frequency_index, component] | null]},
   kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer, ratio,
             original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
@@ -11,10 +11,16 @@ Schema of mla_report.json (version 1):
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
            rope_energy_kept_min, and with calibration k_act_error_*, v_act_error_*, attn_output_error_* (mean, max)},
   calibration {method, source, tokens} or null,
-  evaluation {text, tokens, source_perplexity, converted_perplexity, perplexity_ratio, kl_to_source,
-              top1_agreement} or null,
+  evaluation (one-shot, before any fine-tune) {text, tokens, source_perplexity, converted_perplexity,
+              perplexity_ratio, kl_to_source, top1_agreement} or null,
   verification {tokens, max_abs_logit_diff, top1_agreement, kl_mean, measured_cache_elements_per_token_per_layer}
                or null when skipped,
+  finetune {steps, batch_size, seq_len, tokens, text, lr, warmup_steps, scope, distill_weight,
+            trainable_parameters, world_size, seconds, resumed_from, losses [per step], lrs [per step]}
+           or null when there was no fine-tune,
+  validation {text, tokens, models [{model, perplexity, perplexity_ratio, kl_to_source, top1_agreement}],
+              generation {prompt, max_new_tokens, outputs {model: text}}} or null with --no-validate,
+  plots [file names of the PNGs beside the checkpoint],
   warnings [str]
 """
 
@@ -58,6 +64,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
+    plots: list[str] = field(default_factory=list)
 
     @property
     def calibrated(self) -> bool:
@@ -115,6 +124,7 @@ class Report:
                 "kv_lora_rank": plan.kv_rank,
                 "qk_rope_head_dim": plan.rope_dim,
                 "rope_theta": plan.rope_theta,
+                "rotary_stride": plan.stride,
                 "dtype": DTYPE_NAMES[plan.dtype],
                 "split_reason": plan.split_reason,
                 "lossless_kv_rank": plan.full_kv_rank,
@@ -136,105 +146,88 @@ class Report:
             "summary": self.summary(),
             "calibration": self.calibration,
             "evaluation": self.evaluation,
+            "finetune": self.finetune,
+            "validation": self.validation,
+            "plots": self.plots,
             "verification": self.verification.as_dict() if self.verification else None,
             "warnings": self.warnings,
         }
 
-    def layer_table(self) -> Table:
-        table = Table(title="Per-layer reconstruction", show_footer=True)
-        summary = self.summary()
-        table.add_column("layer", footer="mean / worst", justify="right")
-        table.add_column("K rel. error", footer=_pair(summary["k_rel_error_mean"], summary["k_rel_error_max"]))
-        table.add_column("V rel. error", footer=_pair(summary["v_rel_error_mean"], summary["v_rel_error_max"]))
-        table.add_column(
-            "rotary energy kept",
-            footer=f"{summary['rope_energy_kept_mean']:.1%} / {summary['rope_energy_kept_min']:.1%}",
-        )
-        if self.calibrated:
-            for key, title in (
-                ("k_act_error", "K err (activations)"),
-                ("v_act_error", "V err (activations)"),
-                ("attn_output_error", "attn output err"),
-            ):
-                table.add_column(title, footer=_pair(summary[f"{key}_mean"], summary[f"{key}_max"]))
-        for layer in self.layers:
-            row = [
-                str(layer.index),
-                f"{layer.k_rel_error:.2e}",
-                f"{layer.v_rel_error:.2e}",
-                f"{layer.rope_energy_kept:.1%}",
-            ]
-            if self.calibrated:
-                row += [f"{layer.k_act_error:.2e}", f"{layer.v_act_error:.2e}", f"{layer.attn_output_error:.2e}"]
-            table.add_row(*row)
-        return table
 
-    def cache_table(self) -> Table:
-        kv = self.kv_cache()
-        table = Table(title="KV cache per token")
-        for col in ("", "elements / layer", "bytes (all layers)"):
-            table.add_column(col, justify="right")
-        table.add_row(
-            "source", str(kv["original_elements_per_token_per_layer"]), _bytes(kv["original_bytes_per_token"])
-        )
-        table.add_row(
-            "converted", str(kv["converted_elements_per_token_per_layer"]), _bytes(kv["converted_bytes_per_token"])
-        )
-        table.add_row("ratio", f"{kv['ratio']:.3f}", f"{kv['ratio']:.3f}")
-        return table
+def layer_table(report: dict[str, Any]) -> Table:
+    """The per-layer reconstruction table of a report (mla_report.json data)."""
+    table = Table(title="Per-layer reconstruction", show_footer=True)
+    summary = report["summary"]
+    calibrated = "attn_output_error_mean" in summary
+    table.add_column("layer", footer="mean / worst", justify="right")
+    table.add_column("K rel. error", footer=_pair(summary["k_rel_error_mean"], summary["k_rel_error_max"]))
+    table.add_column("V rel. error", footer=_pair(summary["v_rel_error_mean"], summary["v_rel_error_max"]))
+    table.add_column(
+        "rotary energy kept",
+        footer=f"{summary['rope_energy_kept_mean']:.1%} / {summary['rope_energy_kept_min']:.1%}",
+    )
+    keys = (
+        ("k_act_error", "K err (activations)"),
+        ("v_act_error", "V err (activations)"),
+        ("attn_output_error", "attn output err"),
+    )
+    if calibrated:
+        for key, title in keys:
+            table.add_column(title, footer=_pair(summary[f"{key}_mean"], summary[f"{key}_max"]))
+    for layer in report["layers"]:
+        row = [
+            str(layer["index"]),
+            f"{layer['k_rel_error']:.2e}",
+            f"{layer['v_rel_error']:.2e}",
+            f"{layer['rope_energy_kept']:.1%}",
+        ]
+        if calibrated:
+            row += [f"{layer[key]:.2e}" for key, _ in keys]
+        table.add_row(*row)
+    return table
 
-    def card_section(self) -> str:
-        kv, summary, plan = self.kv_cache(), self.summary(), self.plan
-        lines = [
-            "## Conversion",
-            "",
-            f"- Source: `{self.source_label}` ({plan.geometry.arch}, {plan.geometry.layers} layers, "
-            f"{plan.geometry.heads} query heads, {plan.geometry.kv_heads} KV heads, head_dim {plan.geometry.head_dim})",
-            f"- Target profile: `{plan.target}`; kv_lora_rank {plan.kv_rank} (lossless {plan.full_kv_rank}), "
-            f"qk_rope_head_dim {plan.rope_dim}, rope_theta {plan.rope_theta:g}, dtype {DTYPE_NAMES[plan.dtype]}",
-            f"- Split: {plan.split_reason}",
-            f"- KV cache per token per layer: {kv['original_elements_per_token_per_layer']} -> "
-            f"{kv['converted_elements_per_token_per_layer']} elements (ratio {kv['ratio']:.3f}); "
-            f"{_bytes(kv['original_bytes_per_token'])} -> {_bytes(kv['converted_bytes_per_token'])} per token "
-            "over all layers",
-            f"- Key reconstruction error (relative Frobenius): mean {summary['k_rel_error_mean']:.2e}, "
-            f"worst {summary['k_rel_error_max']:.2e}",
-            f"- Value reconstruction error: mean {summary['v_rel_error_mean']:.2e}, "
-            f"worst {summary['v_rel_error_max']:.2e}",
-            f"- Rotary key energy that still rotates: mean {summary['rope_energy_kept_mean']:.1%}, "
-            f"lowest {summary['rope_energy_kept_min']:.1%}",
-        ]
-        if self.calibration:
-            c = self.calibration
-            lines.append(f"- Method: {c['method']}, calibrated on {c['tokens']} tokens ({c['source']})")
-        if self.calibrated:
-            lines.append(
-                f"- On calibration activations: key error mean {summary['k_act_error_mean']:.2e}, value error "
-                f"mean {summary['v_act_error_mean']:.2e}, attention output error mean "
-                f"{summary['attn_output_error_mean']:.2e}"
-            )
-        if self.evaluation:
-            e = self.evaluation
-            lines.append(
-                f"- One-shot perplexity on {e['tokens']} held-out tokens ({e['text']}): "
-                f"source {e['source_perplexity']:.3f}, converted {e['converted_perplexity']:.3f} "
-                f"(ratio {e['perplexity_ratio']:.3f}); KL to source "
-                f"{e['kl_to_source']:.4f} nats, top-1 agreement {e['top1_agreement']:.1%}"
-            )
-        if self.verification:
-            v = self.verification
-            lines.append(
-                f"- Check against the source on {v.tokens} tokens (float32): max |Δlogit| "
-                f"{v.max_abs_logit_diff:.2e}, top-1 agreement {v.top1_agreement:.1%}, mean KL {v.kl_mean:.2e}; "
-                f"live cache holds {v.measured_cache_elements} elements per token per layer"
-            )
-        lines += ["", "| layer | K rel. error | V rel. error | rotary energy kept |", "|---:|---:|---:|---:|"]
-        lines += [
-            f"| {x.index} | {x.k_rel_error:.2e} | {x.v_rel_error:.2e} | {x.rope_energy_kept:.1%} |" for x in self.layers
-        ]
-        if self.warnings:
-            lines += ["", "### Warnings", ""] + [f"- {w}" for w in self.warnings]
-        return "\n".join(lines) + "\n"
+
+def cache_table(report: dict[str, Any]) -> Table:
+    kv = report["kv_cache"]
+    table = Table(title="KV cache per token")
+    for col in ("", "elements / layer", "bytes (all layers)"):
+        table.add_column(col, justify="right")
+    table.add_row("source", str(kv["original_elements_per_token_per_layer"]), _bytes(kv["original_bytes_per_token"]))
+    table.add_row(
+        "converted", str(kv["converted_elements_per_token_per_layer"]), _bytes(kv["converted_bytes_per_token"])
+    )
+    table.add_row("ratio", f"{kv['ratio']:.3f}", f"{kv['ratio']:.3f}")
+    return table
+
+
+def validation_table(report: dict[str, Any]) -> Table | None:
+    v = report.get("validation")
+    if not v:
+        return None
+    table = Table(title=f"Validation on {v['tokens']} held-out tokens ({v['text']})")
+    for col in ("model", "perplexity", "ratio to source", "KL to source", "top-1 agreement"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in v["models"]:
+        table.add_row(
+            row["model"],
+            f"{row['perplexity']:.3f}",
+            f"{row['perplexity_ratio']:.3f}",
+            "" if row["kl_to_source"] is None else f"{row['kl_to_source']:.4f}",
+            "" if row["top1_agreement"] is None else f"{row['top1_agreement']:.1%}",
+        )
+    return table
+
+
+def generation_table(report: dict[str, Any]) -> Table | None:
+    g = (report.get("validation") or {}).get("generation")
+    if not g:
+        return None
+    table = Table(title=f"Greedy continuation of: {g['prompt']}")
+    table.add_column("model")
+    table.add_column("continuation")
+    for name, text in g["outputs"].items():
+        table.add_row(name, text)
+    return table
 
 
 def _pair(mean: float, worst: float) -> str:

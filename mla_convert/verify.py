@@ -7,6 +7,7 @@ stock transformers on the files exactly as written.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,13 +35,18 @@ def check_tokens(source: Source, count: int, vocab: int, seed: int) -> torch.Ten
     return torch.randint(0, vocab, (1, count), generator=gen)
 
 
-@torch.no_grad()
-def verify(source: Source, converted_dir: Path, *, tokens: int = 128, seed: int = 0) -> Verification:
+def load_converted(path: Path) -> Any:
+    """A written checkpoint, loaded exactly as a user would: stock transformers, float32, eval mode."""
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def verify(source: Source, converted_dir: Path, *, tokens: int = 128, seed: int = 0) -> Verification:
     ids = check_tokens(source, tokens, source.config.vocab_size, seed)
     ref_logits = source.model()(ids).logits.float()
-    model = AutoModelForCausalLM.from_pretrained(str(converted_dir), dtype=torch.float32).eval()
+    model = load_converted(converted_dir)
     out = model(ids, use_cache=True)
     logits = out.logits.float()
     layer0 = out.past_key_values.layers[0]

@@ -137,6 +137,7 @@ def atomic_output(model_out: Path, force: bool) -> Iterator[Path]:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield final_tmp
+        _default_permissions(final_tmp)
         if out.exists():
             if not force:
                 raise ConversionError(f"{model_out} appeared while converting; pass --force to replace it")
@@ -151,6 +152,16 @@ def atomic_output(model_out: Path, force: bool) -> Iterator[Path]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes the directory private (0700); a finished model gets the permissions of a normal one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

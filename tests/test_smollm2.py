@@ -18,7 +18,7 @@ DATA = Path(__file__).parent / "data"
 PROSE = (DATA / "prose.txt").read_text()
 # Calibration on technical text (this project's method notes), evaluation on unrelated prose.
 CALIB = ["--calib-data", str(Path(__file__).parents[1] / "docs" / "method.md"), "--calib-tokens", "2048"]
-CALIB += ["--calib-seq-len", "128", "--eval-data", str(DATA / "prose.txt")]
+CALIB += ["--calib-seq-len", "128", "--eval-data", str(DATA / "prose.txt"), "--finetune-steps", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def converted(tmp_path_factory):
 
 def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, converted):
     _, ids, reference, _ = smollm2
-    out = converted(smollm2_gguf, "exact", "--target", "transformers", "--no-verify")
+    out = converted(smollm2_gguf, "exact", "--target", "transformers", "--no-verify", "--no-validate")
     model = load(out)
     assert model.__class__.__name__ == "DeepseekV3ForCausalLM"
     with torch.no_grad():
@@ -110,3 +110,25 @@ def test_compressed_smollm2_loads_generates_and_caches_the_latent(smollm2, conve
     assert (out / "tokenizer.json").is_file()
     assert report["calibration"]["tokens"] == 2048 and report["evaluation"]["text"].endswith("prose.txt")
     assert report["evaluation"]["perplexity_ratio"] < 3.0  # activation-aware at half the cache: see docs/results.md
+
+
+def test_smollm2_is_healed_by_a_short_distillation(smollm2, converted):
+    """Convert data-free at a quarter of the cache (far from the source), fine-tune 4 small steps on the
+    method notes, validate on unrelated prose: the whole job, on the real model."""
+    _, _, _, copy = smollm2
+    notes = str(Path(__file__).parents[1] / "docs" / "method.md")
+    flags = ["--kv-budget", "0.25", "--method", "svd", "--no-verify", "--train-data", notes]
+    flags += ["--eval-data", str(DATA / "prose.txt"), "--finetune-steps", "4", "--warmup-steps", "1"]
+    flags += ["--batch-size", "2", "--micro-batch-size", "2", "--train-seq-len", "128"]
+    out = converted(copy, "healed", *flags)
+    report = json.loads((out / "mla_report.json").read_text())
+    assert report["finetune"]["steps"] == 4 and report["finetune"]["tokens"] == 4 * 2 * 128
+    assert report["finetune"]["text"] == notes
+    rows = {row["model"]: row for row in report["validation"]["models"]}
+    assert rows["fine-tuned"]["kl_to_source"] < 0.95 * rows["converted"]["kl_to_source"]
+    assert rows["fine-tuned"]["perplexity"] < rows["converted"]["perplexity"]
+    assert report["validation"]["text"].endswith("prose.txt")
+    assert all(text.strip() for text in report["validation"]["generation"]["outputs"].values())
+    assert {"training_loss.png", "layer_error.png"} <= {p.name for p in out.iterdir()}
+    assert "## Validation" in (out / "README.md").read_text()
+    assert load(out).__class__.__name__ == "DeepseekV3ForCausalLM"

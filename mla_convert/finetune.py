@@ -1,0 +1,178 @@
+"""The fine-tune stage: take the converted checkpoint in MODEL_OUT, distil it from the source, validate it,
+and replace MODEL_OUT with the trained checkpoint only when everything has succeeded.
+
+Until then MODEL_OUT holds the complete converted model from before training, with the training text and
+checkpoints under MODEL_OUT/.finetune/ so that `--resume` can continue an interrupted run. Under
+`accelerate launch` the main process converts, every process trains, and the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import checkpoints, validate
+from .calibrate import TokenWindows
+from .card import model_card
+from .errors import ConversionError
+from .natural_scale import fold
+from .source import Source
+from .train import TrainSettings, is_main_process, train
+from .verify import load_converted, verify
+from .writer import ShardWriter, atomic_output, copy_file, write_json, write_text
+
+STATE_DIR = ".finetune"
+PENDING = (
+    "fine-tune not finished: this is the converted model from before training; run the same command with "
+    "--resume to continue from the last training checkpoint"
+)
+OWN_FILES = ("mla_report.json", "README.md", "model.safetensors.index.json")
+T = TypeVar("T")
+
+
+def stage_data(directory: Path, train_text: TokenWindows, evaluation: TokenWindows | None) -> None:
+    """Keep the fine-tune and validation windows with the checkpoint, so a resumed run sees the same text."""
+    state = directory / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    tensors = {"train": train_text.ids.contiguous()}
+    origins = {"train": train_text.origin}
+    if evaluation is not None:
+        tensors["evaluation"] = evaluation.ids.contiguous()
+        origins["evaluation"] = evaluation.origin
+    save_file(tensors, str(state / "text.safetensors"))
+    (state / "text.json").write_text(json.dumps(origins) + "\n")
+
+
+def _load_data(model_out: Path) -> tuple[TokenWindows, TokenWindows | None]:
+    state = model_out / STATE_DIR
+    tensors = load_file(str(state / "text.safetensors"))
+    origins = json.loads((state / "text.json").read_text())
+    evaluation = TokenWindows(tensors["evaluation"], origins["evaluation"]) if "evaluation" in tensors else None
+    return TokenWindows(tensors["train"], origins["train"]), evaluation
+
+
+def main_process_first(fn: Callable[[], T], enabled: bool) -> T | None:
+    """Run fn on the main process only (under a multi-process launch), and tell the others whether it worked."""
+    if not enabled or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return fn()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    result: T | None = None
+    failure: BaseException | None = None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except BaseException as exc:  # the others must hear about it, or they wait forever
+            failure = exc
+    box = [None if failure is None else str(failure)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise ConversionError(f"the main process failed: {box[0]}")
+    return result
+
+
+def heal(
+    source: Source, model_out: Path, settings: TrainSettings, options: Any, hooks: Any, *, resume: bool
+) -> dict[str, Any]:
+    """Fine-tune the converted model in MODEL_OUT, validate it and write the result in its place."""
+    report = _pending_report(model_out, resume)
+    train_text, evaluation = _load_data(model_out)
+    hooks.on_stage("fine-tuning")
+    student = load_converted(model_out)
+    hooks.on_train_start(settings.steps)
+    teacher = source.model() if settings.distill_weight > 0 else None
+    result = train(
+        student,
+        teacher,
+        train_text.ids,
+        settings,
+        checkpoint_dir=model_out / STATE_DIR / "checkpoints",
+        save_every=options.save_every,
+        resume=resume,
+        device=options.device,
+        on_step=hooks.on_step,
+    )
+    if not is_main_process():
+        return report
+    fold(student)
+    report["warnings"] = [w for w in report["warnings"] if w != PENDING]
+    report["finetune"] = {
+        "steps": result.steps,
+        "batch_size": settings.batch_size,
+        "seq_len": settings.seq_len,
+        "tokens": result.tokens,
+        "text": train_text.origin,
+        "text_tokens": train_text.tokens,
+        "lr": settings.lr,
+        "warmup_steps": settings.warmup_steps,
+        "scope": settings.scope,
+        "distill_weight": settings.distill_weight,
+        "trainable_parameters": result.trainable_parameters,
+        "world_size": result.world_size,
+        "seconds": result.seconds,
+        "resumed_from": result.resumed_from,
+        "losses": result.losses,
+        "lrs": result.lrs,
+    }
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[report["settings"]["dtype"]]
+    with atomic_output(model_out, force=True) as tmp:
+        hooks.on_stage("writing the fine-tuned checkpoint")
+        writer = ShardWriter(tmp, dtype, options.max_shard_bytes)
+        for name, tensor in student.state_dict().items():
+            writer.add(name, tensor)
+        writer.finish()
+        for path in sorted(model_out.iterdir()):
+            if path.is_file() and not _written_here(path):
+                copy_file(path, tmp)
+        del student
+        if options.verify:
+            hooks.on_stage("checking the fine-tuned model against the source")
+            report["verification"] = verify(source, tmp, seed=options.seed).as_dict()
+        models = {}
+        if options.validate and evaluation is not None:
+            hooks.on_stage("validating on held-out text")
+            models = {"converted": load_converted(model_out), "fine-tuned": load_converted(tmp)}
+        report = validate.into_report(report, source, models, evaluation, tmp, result.losses, result.resumed_from)
+        write_json(tmp / "mla_report.json", report)
+        write_text(tmp / "README.md", model_card(report, model_out.name))
+    return report
+
+
+def interrupted_note(model_out: Path) -> str | None:
+    """What an interrupted run left in MODEL_OUT when it was fine-tuning, for the one-line message."""
+    report = model_out / "mla_report.json"
+    if not (model_out / STATE_DIR).is_dir() or not report.is_file():
+        return None
+    try:
+        if PENDING not in json.loads(report.read_text()).get("warnings", []):
+            return None
+    except (OSError, ValueError):
+        return None
+    last = checkpoints.latest(model_out / STATE_DIR / "checkpoints")
+    where = f"from the checkpoint of step {checkpoints.step_of(last)}" if last else "from the start of training"
+    return (
+        f"{model_out} holds the converted model from before the fine-tune; run the same command with --resume "
+        f"to continue {where}"
+    )
+
+
+def _written_here(path: Path) -> bool:
+    return path.suffix in (".safetensors", ".png") or path.name in OWN_FILES
+
+
+def _pending_report(model_out: Path, resume: bool) -> dict[str, Any]:
+    path = model_out / "mla_report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    if PENDING not in report.get("warnings", []) or not (model_out / STATE_DIR / "text.safetensors").is_file():
+        what = "--resume: " if resume else ""
+        raise ConversionError(f"{what}{model_out} holds no unfinished fine-tune to continue")
+    return report

@@ -1,0 +1,84 @@
+"""Train the epsilon-regime latent in its natural scale, and fold the scale back in before saving.
+
+The converter stores the latent rows of `kv_a_proj_with_mqa` multiplied by a tiny factor s (and
+`kv_a_layernorm.weight` = sqrt(eps) / s) so that DeepSeek's latent RMSNorm stays linear (see
+mla/latent_norm.py). An optimizer stepping those stored rows directly moves them by about the learning
+rate per step, which is enormous next to s ~ 1e-7: the latent leaves the epsilon regime and training
+diverges. So during training the stored rows are a parametrization, s * W, of the natural map W, the
+latent norm's gain is frozen (it is redundant with kv_b_proj), and `fold` recomputes s for the trained
+W before the weights are written, so the written checkpoint keeps the safety bound of the conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .mla.latent_norm import attention_input_bound, epsilon_regime_scale
+
+
+class RowScale(nn.Module):
+    """stored = scale * natural, row by row (for a weight [rows, cols] or a bias [rows])."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, natural: torch.Tensor) -> torch.Tensor:
+        return natural * (self.scale[:, None] if natural.dim() == 2 else self.scale)
+
+    def right_inverse(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored / (self.scale[:, None] if stored.dim() == 2 else self.scale)
+
+
+def _row_scale(attn: Any) -> torch.Tensor:
+    """Per-row factor of kv_a_proj_with_mqa: sqrt(eps) / gain for latent rows, 1 for the rotary key rows."""
+    norm = attn.kv_a_layernorm
+    gain = norm.weight.detach().double()
+    latent = math.sqrt(norm.variance_epsilon) / gain
+    rope = torch.ones(attn.kv_a_proj_with_mqa.weight.shape[0] - gain.numel(), dtype=torch.float64)
+    return torch.cat([latent, rope]).to(attn.kv_a_proj_with_mqa.weight.dtype)
+
+
+def attention_modules(model: Any) -> list[Any]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def to_natural(model: Any) -> None:
+    """Make every latent down-projection a parametrization of its natural-scale map."""
+    for attn in attention_modules(model):
+        scale = _row_scale(attn).to(attn.kv_a_proj_with_mqa.weight.device)
+        for name in ("weight", "bias"):
+            if getattr(attn.kv_a_proj_with_mqa, name, None) is not None:
+                parametrize.register_parametrization(attn.kv_a_proj_with_mqa, name, RowScale(scale.clone()))
+
+
+def fold(model: Any) -> None:
+    """Remove the parametrizations and choose a fresh epsilon-regime scale for the trained maps."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        proj = attn.kv_a_proj_with_mqa
+        if not parametrize.is_parametrized(proj):
+            continue
+        natural = {name: proj.parametrizations[name].original.detach().double() for name in proj.parametrizations}
+        parametrize.remove_parametrizations(proj, "weight", leave_parametrized=True)
+        if "bias" in natural:
+            parametrize.remove_parametrizations(proj, "bias", leave_parametrized=True)
+        rank = attn.kv_a_layernorm.weight.numel()
+        down = natural["weight"][:rank]
+        if "bias" in natural:
+            down = torch.cat([down, natural["bias"][:rank, None]], dim=1)
+        bound = attention_input_bound(layer.input_layernorm.weight.detach().double())
+        s = epsilon_regime_scale(down, bound)
+        root_eps = math.sqrt(attn.kv_a_layernorm.variance_epsilon)
+        with torch.no_grad():
+            proj.weight[:rank] = (s * natural["weight"][:rank]).to(proj.weight.dtype)
+            proj.weight[rank:] = natural["weight"][rank:].to(proj.weight.dtype)
+            if "bias" in natural:
+                proj.bias[:rank] = (s * natural["bias"][:rank]).to(proj.bias.dtype)
+                proj.bias[rank:] = natural["bias"][rank:].to(proj.bias.dtype)
+            attn.kv_a_layernorm.weight.fill_(root_eps / s)

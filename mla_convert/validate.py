@@ -1,0 +1,71 @@
+"""The validation pass: the source, the converted model (and the fine-tuned one) on held-out text, side by
+side: perplexity, KL to the source, top-1 agreement, a greedy continuation; plus the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import plots
+from .calibrate import TokenWindows
+from .evaluate import compare_many, greedy_samples
+from .source import Source
+
+
+def into_report(
+    report: dict[str, Any],
+    source: Source | None,
+    models: dict[str, Any],
+    text: TokenWindows | None,
+    out_dir: Path,
+    losses: list[float] | None = None,
+    resumed_from: int | None = None,
+) -> dict[str, Any]:
+    """Measure `models` against the source on `text` (when given), draw the plots, and return the report."""
+    report = dict(report)
+    if source is not None and text is not None and models:
+        report["validation"] = validation(source, models, text)
+        first = next(iter(models))
+        c = report["validation"]["comparisons"].pop(first)
+        report["evaluation"] = {"text": text.origin, **c}
+        report["validation"].pop("comparisons")
+    drawn = []
+    if losses:
+        plots.loss_curve(out_dir / plots.LOSS_PLOT, losses, resumed_from)
+        drawn.append(plots.LOSS_PLOT)
+    plots.layer_errors(out_dir / plots.LAYER_PLOT, report["layers"])
+    drawn.append(plots.LAYER_PLOT)
+    report["plots"] = drawn
+    return report
+
+
+def validation(source: Source, models: dict[str, Any], text: TokenWindows) -> dict[str, Any]:
+    results = compare_many(source.model(), models, text.ids)
+    any_result = next(iter(results.values()))
+    rows: list[dict[str, Any]] = [
+        {
+            "model": "source",
+            "perplexity": any_result.source_ppl,
+            "perplexity_ratio": 1.0,
+            "kl_to_source": None,
+            "top1_agreement": None,
+        }
+    ]
+    for name, c in results.items():
+        rows.append(
+            {
+                "model": name,
+                "perplexity": c.converted_ppl,
+                "perplexity_ratio": c.ppl_ratio,
+                "kl_to_source": c.kl,
+                "top1_agreement": c.top1_agreement,
+            }
+        )
+    generation = greedy_samples({"source": source.model(), **models}, source.tokenizer(), text.ids)
+    return {
+        "text": text.origin,
+        "tokens": any_result.tokens,
+        "models": rows,
+        "generation": generation,
+        "comparisons": {name: c.as_dict() for name, c in results.items()},
+    }
