@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--save-every", type=int, default=0)
