@@ -230,6 +230,8 @@ def convert(
 
     from .report import cache_table, generation_table, layer_table, validation_table
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under a multi-process launch only the main process reports
     for warning in report["warnings"]:
         err.print(f"[yellow]warning[/yellow]: {escape(warning)}", soft_wrap=True)
     if not quiet:
@@ -264,8 +266,9 @@ def _show_step(info, progress, task, quiet: bool) -> None:  # type: ignore[no-un
         completed=info.step,
         description=f"fine-tuning: loss {info.loss:.4f}, {info.tokens_per_second:,.0f} tok/s",
     )
-    # Without a live bar (logs, CI) print about ten lines over the run.
-    if progress.disable and not quiet and (info.step % max(1, info.total // 10) == 0 or info.step == info.total):
+    # Without a live bar (logs, CI) print about ten lines over the run, from the main process only.
+    milestone = info.step % max(1, info.total // 10) == 0 or info.step == info.total
+    if progress.disable and not quiet and int(os.environ.get("RANK", "0")) == 0 and milestone:
         err.print(
             f"fine-tune step {info.step}/{info.total}: loss {info.loss:.4f}, lr {info.lr:.2e}, "
             f"{info.tokens_per_second:,.0f} tok/s, about {info.seconds_left / 60:.1f} min left",

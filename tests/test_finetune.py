@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,20 @@ def options(**overrides: object) -> Options:
     )  # fmt: skip
     base.update(overrides)
     return Options(**base)  # type: ignore[arg-type]
+
+
+def fault_from_step_4(monkeypatch: pytest.MonkeyPatch, effect: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """Apply `effect` to the training loss from step 4 on (2 micro-batches a step); return the real loss."""
+    real = train.distill_loss
+    calls = {"n": 0}
+
+    def faulty(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(*args, **kwargs)  # type: ignore[arg-type]
+        return effect(loss) if calls["n"] > 6 else loss
+
+    monkeypatch.setattr(train, "distill_loss", faulty)
+    return real
 
 
 @pytest.fixture(scope="module")
@@ -157,15 +172,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(peaky: Path, tmp_path:
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, peaky: Path, tmp_path: Path, monkeypatch) -> None:
-    real = train.distill_loss
-    calls = {"n": 0}
-
-    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
-        calls["n"] += 1
-        loss = real(*args, **kwargs)  # type: ignore[arg-type]
-        return loss * float("nan") if calls["n"] > 6 else loss  # 2 micro-batches a step: step 4 and later
-
-    monkeypatch.setattr(train, "distill_loss", poisoned)
+    fault_from_step_4(monkeypatch, lambda loss: loss * float("nan"))
     out = tmp_path / "out"
     result = cli(peaky, out, FLAGS, "--save-every", 2)
     assert result.exit_code == 2
@@ -292,16 +299,10 @@ def test_two_processes_reach_the_weights_of_one(peaky: Path, tmp_path: Path) -> 
 
 
 def test_interrupted_fine_tune_says_how_to_resume(cli, peaky: Path, tmp_path: Path, monkeypatch) -> None:
-    real = train.distill_loss
-    calls = {"n": 0}
+    def interrupt(loss: torch.Tensor) -> torch.Tensor:
+        raise KeyboardInterrupt
 
-    def interrupted(*args: object, **kwargs: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] > 6:  # during step 4, after the checkpoint of step 2
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train, "distill_loss", interrupted)
+    real = fault_from_step_4(monkeypatch, interrupt)
     out = tmp_path / "out"
     result = cli(peaky, out, FLAGS, "--save-every", 2)
     assert result.exit_code == 130
@@ -313,3 +314,26 @@ def test_interrupted_fine_tune_says_how_to_resume(cli, peaky: Path, tmp_path: Pa
     report = json.loads((out / "mla_report.json").read_text())
     assert report["finetune"]["resumed_from"] == 2 and len(report["finetune"]["losses"]) == STEPS
     assert report["plots"][0] == "training_loss.png"
+
+
+def test_gradient_checkpointing_saves_memory_without_changing_the_result(peaky: Path, tmp_path: Path) -> None:
+    plain = run(str(peaky), tmp_path / "plain", options())
+    checkpointed = TrainSettings(**{**vars(TRAIN), "gradient_checkpointing": True})
+    recomputed = run(str(peaky), tmp_path / "recomputed", options(train=checkpointed))
+    assert recomputed["finetune"]["losses"] == pytest.approx(plain["finetune"]["losses"], rel=1e-5)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "recomputed")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_train_all_updates_the_whole_model(peaky: Path, tmp_path: Path) -> None:
+    before = tmp_path / "before"
+    run(str(peaky), before, options(finetune_steps=0))
+    run(str(peaky), tmp_path / "all", options(train=TrainSettings(**{**vars(TRAIN), "scope": "all"})))
+    old, new = weights(before), weights(tmp_path / "all")
+    changed = {name for name in old if not torch.equal(old[name], new[name])}
+    for part in ("mlp.down_proj", "mlp.gate_proj", "embed_tokens", "lm_head", "input_layernorm", "kv_b_proj"):
+        assert any(part in name for name in changed), part
+    report = json.loads((tmp_path / "all" / "mla_report.json").read_text())
+    assert report["finetune"]["scope"] == "all"
+    assert report["finetune"]["trainable_parameters"] > 2 * sum(t.numel() for n, t in old.items() if "self_attn" in n)
