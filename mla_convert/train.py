@@ -187,7 +187,7 @@ def train(
     to_natural(student)
     params = select_trainable(student, settings.scope)
     if settings.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _recompute_activations(student, True)
     student.config.use_cache = False
     student.train()
     optimizer = torch.optim.AdamW(
@@ -266,7 +266,7 @@ def train(
     student = accelerator.unwrap_model(student)
     student.eval()
     if settings.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        _recompute_activations(student, False)
     student.config.use_cache = True
     accelerator.wait_for_everyone()
     return result
@@ -287,6 +287,19 @@ def _per_process(settings: TrainSettings, world: int) -> int:
             f"--micro-batch-size {settings.micro_batch_size} does not divide the {per_process} windows per process"
         )
     return per_process
+
+
+def _recompute_activations(model: Any, on: bool) -> None:
+    """Gradient (activation) checkpointing, under the name the installed transformers uses."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _count(params: list[torch.nn.Parameter]) -> int:
