@@ -125,8 +125,10 @@ def convert(
     train_seq_len: Annotated[int, typer.Option(help="Tokens per fine-tune window.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Windows per optimizer step, over all processes.")] = 8,
     micro_batch_size: Annotated[int, typer.Option(help="Windows per forward pass (gradient accumulation).")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay.")] = 10,
+    lr: Annotated[float, typer.Option(help="Peak learning rate, relative to each weight tensor's RMS (AdamW).")] = 1e-3,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Linear warmup steps before the cosine decay. Default: a tenth of the steps.")
+    ] = None,
     train: Annotated[
         TrainScope, typer.Option(help="attention: the converted attention only (default); all: every weight.")
     ] = TrainScope.attention,

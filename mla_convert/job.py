@@ -151,7 +151,13 @@ def _check_options(options: Options) -> TrainSettings | None:
         if options.resume:
             raise ConversionError("--resume continues a fine-tune, but --finetune-steps is 0")
         return None
-    settings = replace(options.train, steps=options.finetune_steps, seed=options.seed)
+    warmup = options.train.warmup_steps
+    settings = replace(
+        options.train,
+        steps=options.finetune_steps,
+        seed=options.seed,
+        warmup_steps=max(1, options.finetune_steps // 10) if warmup is None else warmup,
+    )
     check_settings(settings, None)
     return settings
 

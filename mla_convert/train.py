@@ -37,7 +37,7 @@ class TrainSettings:
 
     steps: int = 100
     lr: float = 1e-3  # relative: each tensor's step is about lr times its RMS (see relative_groups)
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # None: a tenth of the steps (resolved by the job before training)
     batch_size: int = 8  # windows per optimizer step, over all processes
     micro_batch_size: int = 4  # windows per forward pass on one process
     seq_len: int = 256
@@ -90,7 +90,7 @@ def check_settings(s: TrainSettings, max_positions: int | None) -> None:
         raise ConversionError(f"--train-seq-len must be at least 16, got {s.seq_len}")
     if max_positions is not None and s.seq_len > max_positions:
         raise ConversionError(f"--train-seq-len {s.seq_len} is longer than the model's context ({max_positions})")
-    if s.warmup_steps < 0:
+    if s.warmup_steps is not None and s.warmup_steps < 0:
         raise ConversionError(f"--warmup-steps must not be negative, got {s.warmup_steps}")
     _per_process(s, int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -147,7 +147,7 @@ def window_order(count: int, steps: int, batch_size: int, seed: int) -> torch.Te
 
 def schedule(settings: TrainSettings) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to a tenth of the peak."""
-    warm, total = settings.warmup_steps, settings.steps
+    warm, total = settings.warmup_steps or 0, settings.steps
 
     def factor(step: int) -> float:
         if step < warm:

@@ -337,3 +337,20 @@ def test_train_all_updates_the_whole_model(peaky: Path, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "all" / "mla_report.json").read_text())
     assert report["finetune"]["scope"] == "all"
     assert report["finetune"]["trainable_parameters"] > 2 * sum(t.numel() for n, t in old.items() if "self_attn" in n)
+
+
+def test_command_line_defaults_are_the_library_defaults() -> None:
+    """The CLI spells its fine-tune defaults out for --help; they must be the ones TrainSettings documents."""
+    import inspect
+
+    from mla_convert.cli import convert
+
+    params = inspect.signature(convert).parameters
+    defaults = TrainSettings()
+    pairs = {"lr": "lr", "warmup_steps": "warmup_steps", "batch_size": "batch_size", "train_seq_len": "seq_len",
+             "micro_batch_size": "micro_batch_size", "distill_weight": "distill_weight"}  # fmt: skip
+    for flag, field in pairs.items():
+        assert params[flag].default == getattr(defaults, field), flag
+    job_defaults = Options()
+    for flag in ("finetune_steps", "train_tokens", "save_every"):
+        assert params[flag].default == getattr(job_defaults, flag), flag
