@@ -101,6 +101,8 @@ def heal(
         device=options.device,
         on_step=hooks.on_step,
     )
+    if teacher is not None:
+        teacher.to("cpu")  # validation and the check below run on the CPU
     if not is_main_process():
         return report
     fold(student)
