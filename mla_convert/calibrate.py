@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ class TokenWindows:
     ids: torch.Tensor
     origin: str
     held_span: tuple[int, int] | None = None  # for a held-out tail: its token range in the file's stream
+    held_from: str | None = None  # ... and the file (as given) that stream comes from
 
     @property
     def tokens(self) -> int:
@@ -121,16 +123,26 @@ def _read_hub_dataset(spec: str, column: str) -> list[str]:
     return [str(x) for x in data[column]]
 
 
-def tokenize_windows(texts: list[str], tokenizer: Any, seq_len: int) -> torch.Tensor:
-    """Concatenate the documents (EOS between them) and cut the stream into full windows of seq_len."""
+def token_stream(texts: list[str], tokenizer: Any) -> torch.Tensor:
+    """The documents' token ids one after another, EOS between them (1-D)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
         if eos is not None:
             stream.append(eos)
-    count = len(stream) // seq_len
-    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def cut_windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Full windows of seq_len from the start of a token stream [count, seq_len]; the rest is dropped."""
+    count = stream.numel() // seq_len
+    return stream[: count * seq_len].view(count, seq_len)
+
+
+def tokenize_windows(texts: list[str], tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """Concatenate the documents (EOS between them) and cut the stream into full windows of seq_len."""
+    return cut_windows(token_stream(texts, tokenizer), seq_len)
 
 
 def split_windows(
@@ -150,7 +162,8 @@ def split_windows(
     held_out = None
     if want_eval and available > take:
         held = windows[take : take + wanted]
-        held_out = TokenWindows(held, f"{origin} (held-out tail)", (take * seq_len, (take + held.shape[0]) * seq_len))
+        span = (take * seq_len, (take + held.shape[0]) * seq_len)
+        held_out = TokenWindows(held, f"{origin} (held-out tail)", span, origin)
     if take < wanted:
         kept = f"; the remaining {(available - take) * seq_len} are held out for evaluation" if held_out else ""
         warnings.append(
@@ -232,6 +245,14 @@ def text_sets(
     """
     check_lengths(calib_tokens, seq_len, getattr(source.config, "max_position_embeddings", None))
     tokenizer = source.tokenizer()
+    streams: dict[str, torch.Tensor] = {}
+
+    def windows_of(spec: str, length: int) -> torch.Tensor:
+        """Read and tokenize each file once, whatever window lengths are cut from it."""
+        if spec not in streams:
+            streams[spec] = token_stream(read_texts(spec, column), tokenizer)
+        return cut_windows(streams[spec], length)
+
     notes: list[str] = []
     evaluation: TokenWindows | None = None
     if (calib_data or eval_data or train_data) and tokenizer is None:
@@ -239,13 +260,13 @@ def text_sets(
         given = " and ".join(flag for flag, data in flags if data)
         raise ConversionError(f"{source.label} has no tokenizer, so text data cannot be used; omit {given}")
     if eval_data:
-        ids = tokenize_windows(read_texts(eval_data, column), tokenizer, seq_len)
+        ids = windows_of(eval_data, seq_len)
         if ids.shape[0] == 0:
             raise ConversionError(f"--eval-data {eval_data} holds fewer than {seq_len} tokens")
         evaluation = TokenWindows(ids[: max(1, eval_tokens // seq_len)], eval_data)
     if train_data and train_tokens > 0 and evaluation is None and not calib_data:
         # the held-out tail of the training text is the evaluation text
-        windows = tokenize_windows(read_texts(train_data, column), tokenizer, seq_len)
+        windows = windows_of(train_data, seq_len)
         if windows.shape[0] == 0:
             raise ConversionError(f"--train-data {train_data} holds fewer than {seq_len} tokens")
         _, held_out, _ = split_windows(windows, train_tokens, seq_len, train_data, want_eval=True)
@@ -255,7 +276,7 @@ def text_sets(
     if not need_calib:
         pass
     elif calib_data:
-        windows = tokenize_windows(read_texts(calib_data, column), tokenizer, seq_len)
+        windows = windows_of(calib_data, seq_len)
         calib, held_out, warnings = split_windows(
             windows, calib_tokens, seq_len, calib_data, want_eval=need_eval and evaluation is None
         )
@@ -277,7 +298,7 @@ def text_sets(
             source,
             tokenizer,
             train_data or calib_data,
-            column,
+            windows_of,
             train_tokens,
             train_seq_len,
             calib,
@@ -293,14 +314,14 @@ def _first_tokens(held_out: TokenWindows, tokens: int, seq_len: int) -> TokenWin
     ids = held_out.ids[: max(1, tokens // seq_len)]
     assert held_out.held_span is not None
     start = held_out.held_span[0]
-    return TokenWindows(ids, held_out.origin, (start, start + ids.numel()))
+    return TokenWindows(ids, held_out.origin, (start, start + ids.numel()), held_out.held_from)
 
 
 def _train_windows(
     source: Any,
     tokenizer: Any,
     data: str | None,
-    column: str,
+    windows_of: Callable[[str, int], torch.Tensor],
     tokens: int,
     seq_len: int,
     calib: TokenWindows | None,
@@ -311,8 +332,8 @@ def _train_windows(
     """Fine-tune windows from `data` (skipping any window that touches the held-out span), else sampled."""
     count = max(1, tokens // seq_len)
     if data:
-        windows = tokenize_windows(read_texts(data, column), tokenizer, seq_len)
-        if evaluation is not None and evaluation.held_span is not None and evaluation.origin.startswith(data):
+        windows = windows_of(data, seq_len)
+        if evaluation is not None and evaluation.held_span is not None and evaluation.held_from == data:
             a, b = evaluation.held_span
             starts = torch.arange(windows.shape[0]) * seq_len
             windows = windows[(starts + seq_len <= a) | (starts >= b)]

@@ -170,7 +170,7 @@ def _convert_stage(
     training = settings is not None and not structurally_lossless(plan)
     need_eval = calibrated or options.validate
     texts: TextSets | None = None
-    if calibrated or need_eval or options.eval_data or training:
+    if need_eval or options.eval_data or training:
         hooks.on_stage("preparing calibration text" if calibrated else "preparing text")
         texts = text_sets(
             source,

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import plots
 from .calibrate import TokenWindows
-from .evaluate import compare_many, greedy_samples
+from .evaluate import Comparison, compare_many, greedy_samples
 from .source import Source
 
 
@@ -24,11 +24,10 @@ def into_report(
     """Measure `models` against the source on `text` (when given), draw the plots, and return the report."""
     report = dict(report)
     if source is not None and text is not None and models:
-        report["validation"] = validation(source, models, text)
-        first = next(iter(models))
-        c = report["validation"]["comparisons"].pop(first)
-        report["evaluation"] = {"text": text.origin, **c}
-        report["validation"].pop("comparisons")
+        results = compare_many(source.model(), models, text.ids)
+        report["validation"] = validation(source, models, text, results)
+        before = results[next(iter(models))]  # the first model is the converted one, before any fine-tune
+        report["evaluation"] = {"text": text.origin, **before.as_dict()}
     drawn = []
     if losses:
         plots.loss_curve(out_dir / plots.LOSS_PLOT, losses, resumed_from)
@@ -39,8 +38,10 @@ def into_report(
     return report
 
 
-def validation(source: Source, models: dict[str, Any], text: TokenWindows) -> dict[str, Any]:
-    results = compare_many(source.model(), models, text.ids)
+def validation(
+    source: Source, models: dict[str, Any], text: TokenWindows, results: dict[str, Comparison]
+) -> dict[str, Any]:
+    """The report's validation section: one row per model (the source first) and their greedy continuations."""
     any_result = next(iter(results.values()))
     rows: list[dict[str, Any]] = [
         {
@@ -67,5 +68,4 @@ def validation(source: Source, models: dict[str, Any], text: TokenWindows) -> di
         "tokens": any_result.tokens,
         "models": rows,
         "generation": generation,
-        "comparisons": {name: c.as_dict() for name, c in results.items()},
     }
