@@ -148,6 +148,10 @@ def convert(
     dtype: Annotated[DType, typer.Option(help="Output dtype; auto keeps the source's.")] = DType.auto,
     device: Annotated[Device, typer.Option(help="Where to compute the factorization.")] = Device.cpu,
     force: Annotated[bool, typer.Option("--force", help="Replace MODEL_OUT if it exists.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Read .bin/.pt weights (loaded with weights_only: tensors only, no code)."),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Random seed (used for the check tokens without a tokenizer).")] = 0,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Check the written model's logits against the source.")
@@ -200,6 +204,7 @@ def convert(
             save_every=save_every,
             resume=resume,
             validate=validate,
+            allow_pickle=allow_pickle,
         )
         with _progress(quiet) as progress:
             task = progress.add_task("starting", total=None)
@@ -256,8 +261,10 @@ def convert(
             if table is not None:
                 out.print(table)
     kv = report["kv_cache"]
+    peak = report["resources"]["peak_rss_bytes"] / 1024**3
     out.print(
-        f"wrote {escape(str(model_out))} (KV cache {kv['ratio']:.3f}x of the source; report in mla_report.json)",
+        f"wrote {escape(str(model_out))} (KV cache {kv['ratio']:.3f}x of the source; peak memory {peak:.2f} GB; "
+        "report in mla_report.json)",
         soft_wrap=True,
     )
 

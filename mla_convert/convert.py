@@ -23,6 +23,7 @@ from .plan import Geometry, Plan
 from .source import Source
 
 Sink = Callable[[str, torch.Tensor], None]
+SCALE_ROWS = 4096
 
 
 @dataclass
@@ -118,8 +119,8 @@ def layer_tensors(
     tensors[f"{prefix}post_attention_layernorm.weight"] = source.get(f"{_layer_name('post_norm', i)}.weight")
     for key in ("gate", "up"):
         tensors[f"{prefix}mlp.{key}_proj.weight"] = source.get(f"{_layer_name(key, i)}.weight")
-    down = source.get(f"{_layer_name('down', i)}.weight").to(torch.float64) * plan.residual_scale
-    tensors[f"{prefix}mlp.down_proj.weight"] = down
+    down = source.get(f"{_layer_name('down', i)}.weight")
+    tensors[f"{prefix}mlp.down_proj.weight"] = scaled(down, plan.residual_scale, plan.dtype)
 
     rec = factors.up @ factors.down
     rows = geo.kv_heads * geo.head_dim
@@ -138,6 +139,19 @@ def layer_tensors(
     return tensors, stats
 
 
+def scaled(tensor: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """tensor * factor, multiplied in float64 and rounded once to dtype, a block of rows at a time.
+
+    Blocks keep memory near the output's size: a whole 7B embedding in float64 would take 1 GB.
+    """
+    if factor == 1.0:
+        return tensor
+    out = torch.empty(tensor.shape, dtype=dtype)
+    for start in range(0, tensor.shape[0], SCALE_ROWS):
+        out[start : start + SCALE_ROWS] = tensor[start : start + SCALE_ROWS].to(torch.float64) * factor
+    return out
+
+
 def convert(
     source: Source,
     plan: Plan,
@@ -147,9 +161,8 @@ def convert(
     calibrator: Calibrator | None = None,
 ) -> list[LayerStats]:
     """Emit every tensor of the DeepSeek-V3 checkpoint through `sink`; return per-layer statistics."""
-    lam = plan.residual_scale
     embed = source.get(EMBED)
-    sink(EMBED, embed.to(torch.float64) * lam if lam != 1.0 else embed)
+    sink(EMBED, scaled(embed, plan.residual_scale, plan.dtype))
     stats = []
     for i in range(plan.geometry.layers):
         cov = calibrator.covariance(i) if calibrator is not None else None

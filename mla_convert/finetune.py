@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import checkpoints, validate
+from . import checkpoints, resources, validate
 from .calibrate import TokenWindows
 from .card import model_card
 from .errors import ConversionError
@@ -81,7 +81,14 @@ def main_process_first(fn: Callable[[], T], enabled: bool) -> T | None:
 
 
 def heal(
-    source: Source, model_out: Path, settings: TrainSettings, options: Any, hooks: Any, *, resume: bool
+    source: Source,
+    model_out: Path,
+    settings: TrainSettings,
+    options: Any,
+    hooks: Any,
+    *,
+    resume: bool,
+    started: float,
 ) -> dict[str, Any]:
     """Fine-tune the converted model in MODEL_OUT, validate it and write the result in its place."""
     report = _pending_report(model_out, resume)
@@ -144,6 +151,7 @@ def heal(
             hooks.on_stage("validating on held-out text")
             models = {"converted": load_converted(model_out), "fine-tuned": load_converted(tmp)}
         report = validate.into_report(report, source, models, evaluation, tmp, result.losses, result.resumed_from)
+        report["resources"] = resources.usage(started)
         write_json(tmp / "mla_report.json", report)
         write_text(tmp / "README.md", model_card(report, model_out.name))
     return report

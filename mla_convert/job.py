@@ -10,6 +10,7 @@ replaced by the trained one only when training and validation have finished.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import finetune, validate
+from . import finetune, resources, validate
 from .calibrate import TextSets, text_sets
 from .card import model_card
 from .choose import budget_candidates, pick, score_candidates
@@ -69,6 +70,7 @@ class Options:
     save_every: int = 25
     resume: bool = False
     validate: bool = True
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -110,29 +112,56 @@ def structurally_lossless(plan: Plan) -> bool:
 
 def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = None) -> dict[str, Any]:
     """Convert (and fine-tune, and validate); return the report as written to mla_report.json."""
+    started = time.monotonic()
     hooks = hooks or Hooks()
     settings = _check_options(options)
     if options.resume:
         assert settings is not None
-        return finetune.heal(resolve(model_in), model_out, settings, options, hooks, resume=True)
+        source = resolve(model_in, options.allow_pickle)
+        return finetune.heal(source, model_out, settings, options, hooks, resume=True, started=started)
     torch.manual_seed(options.seed)
     local_in = Path(model_in).expanduser()
     check_output_path(local_in if local_in.exists() else None, model_out, options.force)
     hooks.on_stage("reading the source")
-    source = resolve(model_in)
+    source = resolve(model_in, options.allow_pickle)
     plan = plan_for(source, options)  # validates every flag before any heavy work
     wants_finetune = settings is not None and not structurally_lossless(plan)
     if wants_finetune:
         assert settings is not None
         check_settings(settings, getattr(source.config, "max_position_embeddings", None))
+    _check_memory(source, options, plan, wants_finetune)
     report = finetune.main_process_first(
-        lambda: _convert_stage(source, model_out, options, plan, settings, hooks), enabled=wants_finetune
+        lambda: _convert_stage(source, model_out, options, plan, settings, hooks, started), enabled=wants_finetune
     )
     if not wants_finetune:  # a lossless conversion has nothing to heal
         assert report is not None
         return report
     assert settings is not None
-    return finetune.heal(source, model_out, settings, options, hooks, resume=False)
+    return finetune.heal(source, model_out, settings, options, hooks, resume=False, started=started)
+
+
+def whole_models_fit(source: Source) -> bool:
+    """Whether the source and the converted model fit in memory side by side in float32."""
+    return resources.fits(resources.float32_models_bytes(source.parameter_count()))
+
+
+def _check_memory(source: Source, options: Options, plan: Plan, wants_finetune: bool) -> None:
+    """Refuse, before writing anything, the stages that need whole float32 models the machine cannot hold."""
+    calibrated = options.method == "activation" and not structurally_lossless(plan)
+    if not (calibrated or wants_finetune) or whole_models_fit(source):
+        return
+    need = resources.gigabytes(resources.float32_models_bytes(source.parameter_count()))
+    have = resources.gigabytes(resources.available_memory_bytes())
+    stage = (
+        "--method activation (the default) and the fine-tune"
+        if calibrated and wants_finetune
+        else ("--method activation (the default)" if calibrated else "the fine-tune")
+    )
+    raise ConversionError(
+        f"{stage} holds the source and the converted model in float32 (about {need}) and only {have} is "
+        "available; to resolve, convert data-free in bounded memory with --method svd --finetune-steps 0, "
+        "or use a machine with more memory"
+    )
 
 
 def _check_options(options: Options) -> TrainSettings | None:
@@ -163,12 +192,19 @@ def _check_options(options: Options) -> TrainSettings | None:
 
 
 def _convert_stage(
-    source: Source, model_out: Path, options: Options, plan: Plan, settings: TrainSettings | None, hooks: Hooks
+    source: Source,
+    model_out: Path,
+    options: Options,
+    plan: Plan,
+    settings: TrainSettings | None,
+    hooks: Hooks,
+    started: float,
 ) -> dict[str, Any]:
     """Write the converted checkpoint to MODEL_OUT; with a fine-tune to follow, also its data and a pending note."""
     calibrated = options.method == "activation" and not structurally_lossless(plan)
     training = settings is not None and not structurally_lossless(plan)
-    need_eval = calibrated or options.validate
+    whole_fit = whole_models_fit(source)  # else verification and validation are skipped, with a warning
+    need_eval = calibrated or (options.validate and whole_fit)
     texts: TextSets | None = None
     if need_eval or options.eval_data or training:
         hooks.on_stage("preparing calibration text" if calibrated else "preparing text")
@@ -208,7 +244,15 @@ def _convert_stage(
             report.warnings += texts.notes
             if texts.calib is not None:
                 report.calibration = {"method": plan.method, "source": texts.calib.origin, "tokens": texts.calib.tokens}
-        if options.verify:
+        if not whole_fit:
+            skipped = [name for name, on in (("--verify", options.verify), ("--validate", options.validate)) if on]
+            if skipped:
+                need = resources.gigabytes(resources.float32_models_bytes(source.parameter_count()))
+                report.warnings.append(
+                    f"skipped {' and '.join(skipped)}: they hold the source and the converted model in float32 "
+                    f"(about {need}), more than this machine has available"
+                )
+        if options.verify and whole_fit:
             hooks.on_stage("checking the written model against the source")
             report.verification = verify(source, tmp, seed=options.seed)
         data = report.as_dict()
@@ -216,11 +260,12 @@ def _convert_stage(
             assert texts is not None and texts.train is not None
             finetune.stage_data(tmp, texts.train, texts.evaluation)
             data["warnings"].append(finetune.PENDING)
-        elif options.validate and texts is not None and texts.evaluation is not None:
+        elif options.validate and whole_fit and texts is not None and texts.evaluation is not None:
             hooks.on_stage("validating on held-out text")
             data = validate.into_report(data, source, {"converted": load_converted(tmp)}, texts.evaluation, tmp)
         else:
             data = validate.into_report(data, None, {}, None, tmp)
+        data["resources"] = resources.usage(started)
         write_json(tmp / "mla_report.json", data)
         write_text(tmp / "README.md", model_card(data, model_out.name))
     return data

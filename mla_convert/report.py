@@ -21,6 +21,8 @@ Schema of mla_report.json (version 1):
   validation {text, tokens, models [{model, perplexity, perplexity_ratio, kl_to_source, top1_agreement}],
               generation {prompt, max_new_tokens, outputs {model: text}}} or null with --no-validate,
   plots [file names of the PNGs beside the checkpoint],
+  resources {peak_rss_bytes, seconds} of the run that wrote the report (the only part that varies between
+            identical runs; the model card leaves it out),
   warnings [str]
 """
 

@@ -1,14 +1,17 @@
 """Resolve MODEL_IN (local directory, hub id or .gguf file) and give lazy access to its tensors.
 
-Safetensors checkpoints are read one tensor at a time through memory-mapped `safe_open` handles, so
-converting never needs the whole model in memory. GGUF files are dequantized through transformers'
-GGUF support, which materialises the model once.
+Safetensors checkpoints are read one tensor at a time with positioned reads (safetensors_io), so
+converting never needs the whole model in memory. Pickle weights (.bin/.pt) can run code when loaded
+and are refused unless the user allows them; then they are loaded with `torch.load(weights_only=True,
+mmap=True)`, which unpickles only tensors and containers. GGUF files are dequantized through
+transformers' GGUF support, which materialises the model once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import ConversionError
+from .safetensors_io import SafetensorsError, TensorFile, read_header
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +49,28 @@ class Source:
     config: Any  # a transformers PretrainedConfig
     gguf_file: str | None = None
     _shards: dict[str, Path] = field(default_factory=dict)  # tensor name -> shard file
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _files: dict[Path, Any] = field(default_factory=dict, repr=False)  # TensorFile, or a pickle state dict
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # GGUF: in memory
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
 
     def names(self) -> list[str]:
         return list(self._tensors) if self._tensors is not None else list(self._shards)
+
+    def parameter_count(self) -> int:
+        """Elements over all tensors, from the shard headers (nothing is read)."""
+        if self._tensors is not None:
+            return sum(t.numel() for t in self._tensors.values())
+        total = 0
+        for path in sorted(set(self._shards.values())):
+            file = self._files.get(path)
+            if file is None:
+                file = self._files[path] = _open_weights(path)
+            if isinstance(file, TensorFile):
+                total += sum(math.prod(e.shape) for e in file.entries.values())
+            else:
+                total += sum(t.numel() for t in file.values())
+        return total
 
     def has(self, name: str) -> bool:
         return name in (self._tensors if self._tensors is not None else self._shards)
@@ -66,10 +85,10 @@ class Source:
         if path is None:
             raise ConversionError(f"tensor '{name}' is missing from {self.label}")
         try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = _open_safetensors(path)
-            return handle.get_tensor(name)
+            file = self._files.get(path)
+            if file is None:
+                file = self._files[path] = _open_weights(path)
+            return file.get(name) if isinstance(file, TensorFile) else file[name].clone()
         except ConversionError:
             raise
         except Exception as exc:  # safetensors raises several types for damaged files
@@ -80,7 +99,17 @@ class Source:
         if self._model is None:
             from transformers import AutoModelForCausalLM
 
-            self._model = AutoModelForCausalLM.from_pretrained(str(self.root), dtype=torch.float32).eval()
+            if any(path.suffix in PICKLE_SUFFIXES for path in self._shards.values()):
+                # from_pretrained would unpickle with its own settings; build the model from our safe reads
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+                state = {name: self.get(name).float() for name in self.names()}
+                model.load_state_dict(state, strict=False, assign=True)
+                if getattr(self.config, "tie_word_embeddings", False):
+                    model.tie_weights()
+                self._model = model.eval()
+            else:
+                self._model = AutoModelForCausalLM.from_pretrained(str(self.root), dtype=torch.float32).eval()
         return self._model
 
     def tokenizer(self) -> Any:
@@ -105,7 +134,7 @@ class Source:
         return path if path.is_file() else None
 
 
-def resolve(model_in: str) -> Source:
+def resolve(model_in: str, allow_pickle: bool = False) -> Source:
     """Turn MODEL_IN into a Source, checking that it is complete before any heavy work starts."""
     path = Path(model_in).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -115,10 +144,10 @@ def resolve(model_in: str) -> Source:
     if path.exists():
         if not path.is_dir():
             raise ConversionError(f"MODEL_IN must be a model directory, a hub id or a .gguf file: {path}")
-        return _directory_source(path, label=str(path))
+        return _directory_source(path, label=str(path), allow_pickle=allow_pickle)
     if not HUB_ID.match(model_in):
         raise ConversionError(f"model path not found: {path}")
-    return _directory_source(_download(model_in), label=model_in)
+    return _directory_source(_download(model_in), label=model_in, allow_pickle=allow_pickle)
 
 
 def _download(repo_id: str) -> Path:
@@ -138,11 +167,11 @@ def _download(repo_id: str) -> Path:
     return Path(local)
 
 
-def _directory_source(root: Path, label: str) -> Source:
+def _directory_source(root: Path, label: str, allow_pickle: bool = False) -> Source:
     if not (root / "config.json").is_file():
         raise ConversionError(f"no config.json in {root}; MODEL_IN must be a Hugging Face model directory")
     config = _load_config(root, label)
-    shards = _index_shards(root, label)
+    shards = _index_shards(root, label, allow_pickle)
     return Source(label=label, root=root, config=config, _shards=shards)
 
 
@@ -159,64 +188,81 @@ def _load_config(root: Path, label: str, gguf_file: str | None = None) -> Any:
         raise ConversionError(f"cannot read the config of {label}: {_short(exc)}") from exc
 
 
-def _index_shards(root: Path, label: str) -> dict[str, Path]:
+def _index_shards(root: Path, label: str, allow_pickle: bool = False) -> dict[str, Path]:
     index = root / "model.safetensors.index.json"
     single = root / "model.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = {name: root / file for name, file in weight_map.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON or UTF-8
-            raise ConversionError(f"{index.name} in {label} is damaged ({_short(exc)})") from exc
+        shards = _weight_map(index, root, label)
         for file in sorted(set(shards.values())):
-            if not file.is_file():
-                raise ConversionError(f"shard {file.name} listed in {index.name} is missing from {label}")
             _check_safetensors(file)
         return shards
     if single.is_file():
-        _check_safetensors(single)
-        return {name: single for name in _open_safetensors(single).keys()}  # noqa: SIM118
+        return {name: single for name in _check_safetensors(single)}
     if any(root.glob("*.safetensors")):
-        files = sorted(root.glob("*.safetensors"))
         shards = {}
-        for file in files:
-            _check_safetensors(file)
-            shards.update({name: file for name in _open_safetensors(file).keys()})  # noqa: SIM118
+        for file in sorted(root.glob("*.safetensors")):
+            shards.update({name: file for name in _check_safetensors(file)})
         return shards
-    if any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
+    pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles and not allow_pickle:
         raise ConversionError(
-            f"{label} holds only pickle weights (.bin/.pt), which can run code when loaded; "
-            "to resolve, convert them to safetensors first"
+            f"{label} holds only pickle weights ({pickles[0].name}), which can run code when loaded; "
+            "to resolve, convert them to safetensors, or pass --allow-pickle to load them with weights_only"
         )
+    if pickles:
+        pickle_index = root / "pytorch_model.bin.index.json"
+        if pickle_index.is_file():
+            return _weight_map(pickle_index, root, label)
+        shards = {}
+        for file in pickles:
+            shards.update({name: file for name in _load_pickle(file)})
+        return shards
     raise ConversionError(f"no safetensors weights in {label}")
 
 
-def _open_safetensors(path: Path) -> Any:
-    from safetensors import safe_open
-
+def _weight_map(index: Path, root: Path, label: str) -> dict[str, Path]:
     try:
-        return safe_open(str(path), framework="pt")
-    except Exception as exc:
-        raise ConversionError(f"{path.name} is not a readable safetensors file ({_short(exc)})") from exc
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = {name: root / file for name, file in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON or UTF-8
+        raise ConversionError(f"{index.name} in {label} is damaged ({_short(exc)})") from exc
+    for file in sorted(set(shards.values())):
+        if not file.is_file():
+            raise ConversionError(f"shard {file.name} listed in {index.name} is missing from {label}")
+    return shards
 
 
-def _check_safetensors(path: Path) -> None:
-    """Catch truncated or corrupt shards up front: the header must parse and the data must all be there."""
-    size = path.stat().st_size
+def _open_weights(path: Path) -> Any:
+    return _load_pickle(path) if path.suffix in PICKLE_SUFFIXES else TensorFile(path)
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle state dict through torch's restricted unpickler: tensors and plain containers only."""
     try:
-        with open(path, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            if header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header length is out of range")
-            header = json.loads(fh.read(header_len))
-    except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path.name} is not a valid safetensors file ({_short(exc)})") from exc
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the old, non-zip format
+    except Exception as exc:  # UnpicklingError for anything but plain tensors; others for damaged files
+        raise ConversionError(f"cannot load {path.name} with weights_only: {_short(exc)}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path.name} is not a state dict of tensors")
+    return state
+
+
+def _check_safetensors(path: Path) -> list[str]:
+    """The tensor names of a shard, after catching truncated or corrupt files up front."""
     try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
-        raise ConversionError(f"{path.name} is not a valid safetensors file (malformed header)") from exc
-    if 8 + header_len + end > size:
-        raise ConversionError(f"{path.name} is truncated: {size} bytes on disk, {8 + header_len + end} expected")
+        return list(read_header(path))
+    except OSError as exc:
+        raise ConversionError(f"cannot read {path.name}: {_short(exc)}") from exc
+    except SafetensorsError as exc:
+        text = str(exc)
+        if text.startswith("truncated"):
+            raise ConversionError(f"{path.name} is {text}") from exc
+        raise ConversionError(f"{path.name} is not a valid safetensors file ({text})") from exc
 
 
 def _gguf_source(path: Path) -> Source:

@@ -12,50 +12,65 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import ConversionError
+from .safetensors_io import ShardFile
 
 TMP_PREFIX = ".mla-convert-tmp-"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+T = TypeVar("T")
 
 
 class ShardWriter:
-    """Collect tensors and write them as `model-0000i-of-0000N.safetensors` shards of bounded size."""
+    """Write tensors as `model-0000i-of-0000N.safetensors` shards of bounded size, each as it arrives.
+
+    Only the tensor being added is held: it goes straight into the open shard file (safetensors_io), so
+    a checkpoint of any size streams through with memory bounded by its largest tensor.
+    """
 
     def __init__(self, directory: Path, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.directory = directory
         self.dtype = dtype
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._open: ShardFile | None = None
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += size
+        shard = self._open
+        if (
+            shard is not None
+            and shard.data_bytes
+            and (shard.data_bytes + size > self.max_shard_bytes or not shard.fits(name, tensor))
+        ):
+            self._close()
+            shard = None
+        if shard is None:
+            shard = self._open = _guard_disk(lambda: ShardFile(self.directory / f"shard-{len(self._shards)}.tmp"))
+            self._shards.append([])
+        _guard_disk(lambda: shard.add(name, tensor))
+        self._shards[-1].append(name)
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        index = len(self._shards)
-        _guard_disk(lambda: save_file(self._pending, str(self.directory / f"shard-{index}.tmp"), {"format": "pt"}))
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+    def _close(self) -> None:
+        shard = self._open
+        if shard is not None:
+            self._open = None
+            _guard_disk(shard.close)
 
     def finish(self) -> None:
         """Name the shards for their final count and write the index when there is more than one."""
-        if self._pending or not self._shards:
-            self._flush()
+        if self._open is None and not self._shards:
+            self._open = _guard_disk(lambda: ShardFile(self.directory / "shard-0.tmp"))
+            self._shards.append([])
+        self._close()
         count = len(self._shards)
         if count == 1:
             os.replace(self.directory / "shard-0.tmp", self.directory / "model.safetensors")
@@ -81,9 +96,9 @@ def copy_file(src: Path, dst_dir: Path) -> None:
     _guard_disk(lambda: shutil.copyfile(src, dst_dir / src.name))
 
 
-def _guard_disk(action: Any) -> None:
+def _guard_disk(action: Callable[[], T]) -> T:
     try:
-        action()
+        return action()
     except OSError as exc:
         if exc.errno == 28:  # ENOSPC
             raise ConversionError("no space left on the device while writing the output") from exc

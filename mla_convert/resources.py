@@ -1,0 +1,53 @@
+"""How much memory the process has used and how much the machine has left.
+
+The converter streams weights through bounded memory, but its optional stages (verification,
+validation, calibration, fine-tuning) hold whole float32 models. Knowing the machine's free memory up
+front turns an out-of-memory kill hours in into a clear line before anything is written.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+GB = 1024**3
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident set this process has had so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fits(needed_bytes: int, share: float = 0.9) -> bool:
+    """Whether needed_bytes fits in the memory available now (unknown counts as fitting)."""
+    available = available_memory_bytes()
+    return available is None or needed_bytes <= share * available
+
+
+def float32_models_bytes(parameters: int, models: int = 2) -> int:
+    """Memory for `models` float32 copies of a model with this many parameters."""
+    return 4 * parameters * models
+
+
+def usage(started: float) -> dict[str, Any]:
+    """The `resources` section of the report: peak resident memory and wall time of this run."""
+    return {"peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.monotonic() - started, 3)}
+
+
+def gigabytes(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / GB:.1f} GB"
