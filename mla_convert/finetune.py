@@ -135,10 +135,10 @@ def heal(
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[report["settings"]["dtype"]]
     with atomic_output(model_out, force=True) as tmp:
         hooks.on_stage("writing the fine-tuned checkpoint")
-        writer = ShardWriter(tmp, dtype, options.max_shard_bytes)
-        for name, tensor in student.state_dict().items():
-            writer.add(name, tensor)
-        writer.finish()
+        with ShardWriter(tmp, dtype, options.max_shard_bytes) as writer:
+            for name, tensor in student.state_dict().items():
+                writer.add(name, tensor)
+            writer.finish()
         for path in sorted(model_out.iterdir()):
             if path.is_file() and not _written_here(path):
                 copy_file(path, tmp)

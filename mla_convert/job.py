@@ -21,12 +21,10 @@ import torch
 from . import finetune, resources, validate
 from .calibrate import TextSets, text_sets
 from .card import model_card
-from .choose import budget_candidates, pick, score_candidates
 from .convert import LayerStats, convert, key_energies
 from .errors import ConversionError
-from .plan import Plan, geometry_of, make_plan
+from .plan import Plan, geometry_of, make_plan, resolve_dtype
 from .report import Report
-from .sequential import SequentialCalibrator, SourceWalk, second_moment
 from .source import Source, resolve
 from .target_config import deepseek_config
 from .train import StepInfo, TrainSettings, check_settings
@@ -96,7 +94,9 @@ def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] |
         kv_budget=options.kv_budget,
         dtype=options.dtype,
         stride=stride,
-        key_energy=lambda: key_energies(source, geo, keep_bias, covariances),
+        key_energy=lambda: key_energies(
+            source, geo, keep_bias, covariances, resolve_dtype(options.dtype, source.config)
+        ),
     )
     plan.method = options.method
     return plan
@@ -228,12 +228,16 @@ def _convert_stage(
         plan = _calibrated_plan(source, options, plan, texts.calib.ids, hooks)
     hooks.on_plan(plan)
     with atomic_output(model_out, options.force) as tmp:
-        writer = ShardWriter(tmp, plan.dtype, options.max_shard_bytes)
-        calibrator = SequentialCalibrator(source, plan, texts.calib.ids) if texts and texts.calib else None
+        calibrator = None
+        if texts and texts.calib:
+            from .sequential import SequentialCalibrator  # imports transformers' DeepSeek modeling: seconds
+
+            calibrator = SequentialCalibrator(source, plan, texts.calib.ids)
         hooks.on_stage("converting layers")
-        stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device, calibrator=calibrator)
-        hooks.on_stage("writing the checkpoint")
-        writer.finish()
+        with ShardWriter(tmp, plan.dtype, options.max_shard_bytes) as writer:
+            stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device, calibrator=calibrator)
+            hooks.on_stage("writing the checkpoint")
+            writer.finish()
         write_json(tmp / "config.json", deepseek_config(plan, source.config))
         _copy_tokenizer(source, tmp)
         report = Report(source_label=source.label, plan=plan, layers=stats, warnings=list(plan.warnings))
@@ -273,6 +277,9 @@ def _convert_stage(
 
 def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks) -> Plan:
     """Redo the plan with activation statistics: rotary components and, for a budget, the measured split."""
+    from .choose import budget_candidates, pick, score_candidates
+    from .sequential import SourceWalk, second_moment
+
     covariances = None
     if options.target == "transformers" and plan.compressed:
         hooks.on_stage("measuring rotary energy on calibration text")

@@ -206,7 +206,7 @@ def make_plan(
             + "; vLLM and SGLang load it but compute it wrongly: serve only with transformers"
         )
 
-    resolved_dtype = _resolve_dtype(dtype, config)
+    resolved_dtype = resolve_dtype(dtype, config)
     source_scale = d**-0.5 * rope_scaling**2
     target_scale = (d + rope_dim) ** -0.5
     return Plan(
@@ -257,7 +257,7 @@ def _best_components(
     return sorted(candidates, key=lambda c: (-float(inv_freq[c[0]]), c[1]))
 
 
-def _resolve_dtype(dtype: str, config: Any) -> torch.dtype:
+def resolve_dtype(dtype: str, config: Any) -> torch.dtype:
     if dtype == "auto":
         src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if isinstance(src, str):

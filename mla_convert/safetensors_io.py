@@ -104,12 +104,16 @@ class TensorFile:
         count = entry.end - entry.start
         if count == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        buffer = bytearray(count)
-        with open(self.path, "rb") as fh:
+        buffer = torch.empty(count, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+        with open(self.path, "rb", buffering=0) as fh:
             fh.seek(entry.start)
-            if fh.readinto(buffer) != count:
-                raise SafetensorsError(f"tensor '{name}' is cut short")
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+            view, done = memoryview(buffer.numpy()), 0
+            while done < count:  # a raw read may return less than asked
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise SafetensorsError(f"tensor '{name}' is cut short")
+                done += got
+        return buffer.view(entry.dtype).reshape(entry.shape)
 
 
 class ShardFile:
@@ -128,12 +132,18 @@ class ShardFile:
         return len(self._encode({**self.header, name: self._entry(tensor)})) <= self.capacity
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        assert self._fh is not None
-        size = tensor.numel() * tensor.element_size()
+        self.record(name, tensor)
+        self.write(tensor)
+
+    def record(self, name: str, tensor: torch.Tensor) -> None:
+        """Enter the tensor in the header; its bytes must follow with `write`, in the same order."""
         self.header[name] = self._entry(tensor)
-        if size:
+        self.data_bytes += tensor.numel() * tensor.element_size()
+
+    def write(self, tensor: torch.Tensor) -> None:
+        assert self._fh is not None
+        if tensor.numel():
             self._fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-        self.data_bytes += size
 
     def _entry(self, tensor: torch.Tensor) -> dict:
         size = tensor.numel() * tensor.element_size()

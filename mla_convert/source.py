@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ class Source:
     def names(self) -> list[str]:
         return list(self._tensors) if self._tensors is not None else list(self._shards)
 
+    @property
+    def streams(self) -> bool:
+        """Whether `get` reads a fresh tensor from disk each time (which the caller then owns)."""
+        return self._tensors is None
+
     def parameter_count(self) -> int:
         """Elements over all tensors, from the shard headers (nothing is read)."""
         if self._tensors is not None:
@@ -100,12 +106,13 @@ class Source:
             from transformers import AutoModelForCausalLM
 
             if any(path.suffix in PICKLE_SUFFIXES for path in self._shards.values()):
-                # from_pretrained would unpickle with its own settings; build the model from our safe reads
-                with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+                # from_pretrained would unpickle with its own settings; fill the model from our safe reads
+                model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
                 state = {name: self.get(name).float() for name in self.names()}
-                model.load_state_dict(state, strict=False, assign=True)
-                if getattr(self.config, "tie_word_embeddings", False):
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                if unexpected or [n for n in missing if n != "lm_head.weight"]:
+                    raise ConversionError(f"the weights of {self.label} do not match its config")
+                if "lm_head.weight" in missing:
                     model.tie_weights()
                 self._model = model.eval()
             else:
@@ -245,7 +252,12 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # the old, non-zip format
-    except Exception as exc:  # UnpicklingError for anything but plain tensors; others for damaged files
+    except pickle.UnpicklingError as exc:
+        raise ConversionError(
+            f"refusing {path.name}: weights_only loading found objects other than tensors in it, and "
+            "unpickling them could run code; convert it to safetensors in a trusted environment"
+        ) from exc
+    except Exception as exc:  # damaged or not a torch file
         raise ConversionError(f"cannot load {path.name} with weights_only: {_short(exc)}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path.name} is not a state dict of tensors")

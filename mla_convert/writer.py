@@ -6,12 +6,14 @@ complete, so an interrupted or failed run never leaves something that looks like
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,13 +26,17 @@ from .safetensors_io import ShardFile
 TMP_PREFIX = ".mla-convert-tmp-"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 T = TypeVar("T")
+QUEUE_BYTES = 512 * 1024**2  # written-but-not-yet-on-disk tensors the writer may hold
 
 
 class ShardWriter:
     """Write tensors as `model-0000i-of-0000N.safetensors` shards of bounded size, each as it arrives.
 
-    Only the tensor being added is held: it goes straight into the open shard file (safetensors_io), so
-    a checkpoint of any size streams through with memory bounded by its largest tensor.
+    A tensor goes straight into the open shard file (safetensors_io), so a checkpoint of any size streams
+    through with memory bounded by its largest tensor plus the write queue. The bytes are written by a
+    background thread (file writes release the GIL), so the disk works while the next layer is computed;
+    the queue holds at most QUEUE_BYTES (or one tensor). Use as a context manager: leaving it on an error
+    stops the thread before the caller removes the files.
     """
 
     def __init__(self, directory: Path, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
@@ -39,7 +45,14 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self._open: ShardFile | None = None
         self._shards: list[list[str]] = []
+        self._background = Background(QUEUE_BYTES)
         self.total_bytes = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._background.stop(discard=exc[0] is not None)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
@@ -55,7 +68,8 @@ class ShardWriter:
         if shard is None:
             shard = self._open = _guard_disk(lambda: ShardFile(self.directory / f"shard-{len(self._shards)}.tmp"))
             self._shards.append([])
-        _guard_disk(lambda: shard.add(name, tensor))
+        shard.record(name, tensor)
+        _guard_disk(lambda: self._background.submit(lambda: shard.write(tensor), size))
         self._shards[-1].append(name)
         self.total_bytes += size
 
@@ -63,7 +77,7 @@ class ShardWriter:
         shard = self._open
         if shard is not None:
             self._open = None
-            _guard_disk(shard.close)
+            _guard_disk(lambda: self._background.submit(shard.close, 0))
 
     def finish(self) -> None:
         """Name the shards for their final count and write the index when there is more than one."""
@@ -71,6 +85,7 @@ class ShardWriter:
             self._open = _guard_disk(lambda: ShardFile(self.directory / "shard-0.tmp"))
             self._shards.append([])
         self._close()
+        _guard_disk(self._background.drain)
         count = len(self._shards)
         if count == 1:
             os.replace(self.directory / "shard-0.tmp", self.directory / "model.safetensors")
@@ -82,6 +97,77 @@ class ShardWriter:
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_json(self.directory / "model.safetensors.index.json", index)
+
+
+class Background:
+    """Run actions in order on one thread, holding at most `limit` bytes of queued work (or one action).
+
+    An action's exception is kept and raised in the caller's thread at its next submit or drain.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._jobs: collections.deque[tuple[Callable[[], object], int]] = collections.deque()
+        self._queued = 0
+        self._busy = False
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mla-convert-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, action: Callable[[], object], size: int) -> None:
+        with self._cond:
+            while self._error is None and self._queued and self._queued + size > self.limit:
+                self._cond.wait()
+            self._raise()
+            self._jobs.append((action, size))
+            self._queued += size
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        with self._cond:
+            while self._error is None and (self._jobs or self._busy):
+                self._cond.wait()
+            self._raise()
+
+    def stop(self, discard: bool = False) -> None:
+        with self._cond:
+            if discard:
+                self._clear()
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _clear(self) -> None:
+        self._queued -= sum(size for _, size in self._jobs)
+        self._jobs.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopped:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                action, size = self._jobs.popleft()
+                self._busy = True
+            try:
+                action()
+            except BaseException as exc:  # handed to the caller's thread
+                with self._cond:
+                    self._error = exc
+                    self._clear()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._queued -= size
+                    self._cond.notify_all()
 
 
 def write_json(path: Path, data: Any) -> None:

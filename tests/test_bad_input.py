@@ -461,18 +461,18 @@ def test_unexpected_error_with_verbose_shows_traceback(tiny_llama: Path, tmp_pat
 
 
 def test_disk_full_while_writing(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    """The device fills up part way through a shard: one line, nothing left behind."""
+    """The device fills up part way through a shard (in the writer thread): one line, nothing left behind."""
     model_out = tmp_path / "model_out"
     seen: list[list[str]] = []
-    real_add = writer_module.ShardFile.add
+    real_write = writer_module.ShardFile.write
 
-    def fills_up(self, name, tensor):  # type: ignore[no-untyped-def]
+    def fills_up(self, tensor):  # type: ignore[no-untyped-def]
         if len(self.header) > 3:
             seen.append(temp_dirs(tmp_path))
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_add(self, name, tensor)
+        real_write(self, tensor)
 
-    monkeypatch.setattr(writer_module.ShardFile, "add", fills_up)
+    monkeypatch.setattr(writer_module.ShardFile, "write", fills_up)
     guard = Untouched(tiny_llama, model_out)
     one_line(cli(tiny_llama, model_out, FAST), "no space left", after_plan=True)
     assert seen and len(seen[0]) == 1
