@@ -26,7 +26,7 @@ from .safetensors_io import ShardFile
 TMP_PREFIX = ".mla-convert-tmp-"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 T = TypeVar("T")
-QUEUE_BYTES = 512 * 1024**2  # written-but-not-yet-on-disk tensors the writer may hold
+QUEUE_BYTES = 256 * 1024**2  # written-but-not-yet-on-disk tensors the writer may hold
 
 
 class ShardWriter:

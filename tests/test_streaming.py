@@ -249,3 +249,21 @@ def test_whole_model_stages_are_refused_or_skipped_when_memory_is_short(
     report = json.loads((tmp_path / "streamed" / "mla_report.json").read_text())
     assert report["verification"] is None and report["validation"] is None
     assert any("skipped --verify" in w for w in report["warnings"])
+
+
+def test_a_bf16_checkpoint_converts_losslessly_with_float32_math(cli, tmp_path: Path) -> None:
+    """16-bit outputs take the float32 path (convert.work_dtype); the map must stay exact up to bf16 rounding."""
+    from .conftest import TINY_CONFIGS, build_tiny
+
+    model_in = tmp_path / "bf16"
+    build_tiny(TINY_CONFIGS["smollm_like_mqa"]()).to(torch.bfloat16).save_pretrained(model_in)
+    outputs = {}
+    for dtype in ("auto", "float32"):  # bf16 output (float32 math) and float32 output (float64 math)
+        out = tmp_path / dtype
+        result = cli(model_in, out, "--method", "svd", "--finetune-steps", "0", "--no-validate", "--dtype", dtype)
+        assert result.exit_code == 0, result.output
+        outputs[dtype] = json.loads((out / "mla_report.json").read_text())["verification"]
+    assert output_tensors(tmp_path / "auto")["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert outputs["float32"]["max_abs_logit_diff"] < 1e-4  # exact: float64 math, float32 weights
+    assert outputs["auto"]["top1_agreement"] == 1.0 and outputs["auto"]["kl_mean"] < 1e-5
+    assert outputs["auto"]["max_abs_logit_diff"] < 0.05
