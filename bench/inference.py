@@ -105,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = smollm2_dir()
+    args.workdir.mkdir(parents=True, exist_ok=True)
     models = {"source": source}
     for budget in args.budgets:
         out = args.workdir / f"mla-{budget}"
