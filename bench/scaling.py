@@ -1,14 +1,16 @@
 """Memory scaling and I/O bound of the data-free conversion, on synthetic Llama-shaped checkpoints.
 
-    python bench/scaling.py --sizes 0.5B 1.5B 3B 7B --io 0.5B 1.5B 3B [--workdir DIR]
+    python bench/scaling.py --sizes tiny 0.5B 1.5B 3B 7B-8L 7B-16L 7B --io 0.5B 1.5B 3B 7B
 
-For each size it writes a random bf16 checkpoint with the real shapes (5 GB shards, as the hub does),
-converts it data-free with the CLI in a fresh process (`--method svd --kv-budget 0.25 --finetune-steps 0
---no-verify --no-validate`) and reads peak RSS from the report. For the sizes given to --io it also times
-`cp -r` of the checkpoint and a transformers load-and-save (bf16) of it. Every timed command starts with
-a cold page cache (sync; drop_caches, which needs root) and includes the final `sync`, so writes are
-counted until they reach the disk. Checkpoints are deleted after use; the largest needs about 30 GB of
-disk at once. Prints a markdown table and writes bench/results/scaling.json.
+A size NAME-kL is NAME's shape with k layers (the same layer, more or fewer of them); `tiny` measures
+what the process itself takes. For each size it writes a random bf16 checkpoint with the real shapes
+(5 GB shards, as the hub does), converts it data-free with the CLI in a fresh process (`--method svd
+--kv-budget 0.25 --finetune-steps 0 --no-verify --no-validate`) and reads peak RSS from the report.
+For the sizes given to --io it also times `cp -r` of the checkpoint and a transformers load-and-save
+(bf16) of it. Every timed command starts with a cold page cache (sync; drop_caches, which needs root)
+and includes the final `sync`, so writes count until they reach the disk. Checkpoints are deleted
+after use; the largest needs about 30 GB of disk at once. Prints a markdown table and writes
+bench/results/scaling.json.
 """
 
 from __future__ import annotations
@@ -146,8 +148,16 @@ LOAD_SAVE = (
 )
 
 
+def shape_of(name: str) -> dict:
+    base, _, layers = name.partition("-")
+    shape = dict(SHAPES[base])
+    if layers:
+        shape["layers"] = int(layers.rstrip("L"))
+    return shape
+
+
 def run_size(name: str, workdir: Path, io: bool) -> dict:
-    s = SHAPES[name]
+    s = shape_of(name)
     src, out = workdir / f"src-{name}", workdir / f"out-{name}"
     for p in (src, out):
         shutil.rmtree(p, ignore_errors=True)
@@ -204,8 +214,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B", "3B", "7B"], choices=list(SHAPES))
-    parser.add_argument("--io", nargs="*", default=["0.5B", "1.5B", "3B"], choices=list(SHAPES))
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "0.5B", "1.5B", "3B", "7B-8L", "7B-16L", "7B"])
+    parser.add_argument("--io", nargs="*", default=["0.5B", "1.5B", "3B", "7B"])
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "mla-convert" / "bench-scaling")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scaling.json")
     args = parser.parse_args()
