@@ -110,7 +110,7 @@ def layer_tensors(
     geo = plan.geometry
     work = work_dtype(plan.dtype, cov is not None)
     src = read_attention(source, geo, i, plan.keep_bias, device, work)
-    o_proj = source.get(f"{_layer_name('o', i)}.weight").to(device=device, dtype=work)
+    o_source = source.get(f"{_layer_name('o', i)}.weight")
     if cov is not None and cov_root is None:
         cov_root = psd_root(cov)[0]
     form = mla_form(src, plan.slots, plan.q_scale, cov_root)
@@ -118,6 +118,7 @@ def layer_tensors(
         factors = weight_svd(form.kv, plan.kv_rank)
     else:
         q_nope = form.q[:, : geo.head_dim]
+        o_proj = o_source.to(device=device, dtype=work, copy=True)  # o_source is rescaled in place below
         k_blocks, v_blocks = kv_row_metric(q_nope, o_proj, cov, geo.kv_heads, geo.head_dim)
         factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, plan.key_weight)
     input_norm = source.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
@@ -129,7 +130,7 @@ def layer_tensors(
         head_dim=geo.head_dim,
         input_bound=attention_input_bound(input_norm),
         keep_bias=plan.keep_bias,
-        o_proj=o_proj * plan.residual_scale,
+        o_proj=scaled(o_source, plan.residual_scale, plan.dtype, source.streams),  # passes through, rescaled
     )
     prefix = f"model.layers.{i}."
     tensors = {f"{prefix}self_attn.{k}": v for k, v in attn.tensors.items()}

@@ -26,7 +26,7 @@ from .safetensors_io import ShardFile
 TMP_PREFIX = ".mla-convert-tmp-"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 T = TypeVar("T")
-QUEUE_BYTES = 256 * 1024**2  # written-but-not-yet-on-disk tensors the writer may hold
+QUEUE_BYTES = 128 * 1024**2  # written-but-not-yet-on-disk tensors the writer may hold
 
 
 class ShardWriter:
@@ -117,6 +117,7 @@ class Background:
         self._thread.start()
 
     def submit(self, action: Callable[[], object], size: int) -> None:
+        """Queue an action; one larger than the limit (a big embedding) is waited for, not queued."""
         with self._cond:
             while self._error is None and self._queued and self._queued + size > self.limit:
                 self._cond.wait()
@@ -124,6 +125,8 @@ class Background:
             self._jobs.append((action, size))
             self._queued += size
             self._cond.notify_all()
+        if size > self.limit:
+            self.drain()
 
     def drain(self) -> None:
         with self._cond:
