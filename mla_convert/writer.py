@@ -167,6 +167,7 @@ class Background:
                     self._error = exc
                     self._clear()
             finally:
+                del action  # else the written tensor stays alive until the next job arrives
                 with self._cond:
                     self._busy = False
                     self._queued -= size

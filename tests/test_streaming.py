@@ -267,3 +267,33 @@ def test_a_bf16_checkpoint_converts_losslessly_with_float32_math(cli, tmp_path: 
     assert outputs["float32"]["max_abs_logit_diff"] < 1e-4  # exact: float64 math, float32 weights
     assert outputs["auto"]["top1_agreement"] == 1.0 and outputs["auto"]["kl_mean"] < 1e-5
     assert outputs["auto"]["max_abs_logit_diff"] < 0.05
+
+
+# ---------------------------------------------------------------- the background writer
+
+
+def test_background_writer_keeps_order_bounds_its_queue_and_hands_errors_back() -> None:
+    import threading
+
+    from mla_convert.writer import Background
+
+    done: list[int] = []
+    gate = threading.Event()
+    background = Background(limit=10)
+    background.submit(lambda: (gate.wait(5), done.append(0)), 6)
+    blocked = threading.Thread(target=lambda: background.submit(lambda: done.append(1), 6))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive(), "a submit beyond the queue limit should wait"
+    gate.set()
+    blocked.join(5)
+    background.submit(lambda: done.append(2), 50)  # larger than the limit: written before submit returns
+    assert done == [0, 1, 2]
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    background.submit(fail, 1)
+    with pytest.raises(OSError, match="No space"):
+        background.drain()
+    background.stop()
