@@ -1,6 +1,8 @@
 """Memory scaling and I/O bound of the data-free conversion, on synthetic Llama-shaped checkpoints.
 
     python bench/scaling.py --sizes tiny 0.5B 1.5B 3B 7B-8L 7B-16L 7B --io 0.5B 1.5B 3B 7B
+    python bench/scaling.py --sizes 7B-4L 7B-8L --io --calibrated 7B-4L 7B-8L \
+        --json bench/results/scaling_calibrated.json
 
 A size NAME-kL is NAME's shape with k layers (the same layer, more or fewer of them); `tiny` measures
 what the process itself takes. For each size it writes a random bf16 checkpoint with the real shapes
@@ -11,6 +13,10 @@ For the sizes given to --io it also times `cp -r` of the checkpoint and a transf
 and includes the final `sync`, so writes count until they reach the disk. Checkpoints are deleted
 after use; the largest needs about 30 GB of disk at once. Prints a markdown table and writes
 bench/results/scaling.json.
+
+For the sizes given to --calibrated it also converts activation-aware on a calibration file (a word-level
+tokenizer and random words, written beside the checkpoint), with the budget-0.25 split given as ranks so
+that the run measures the layer-by-layer calibration rather than the search over splits.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ SHAPES = {
 }
 SHARD_BYTES = 5 * 10**9
 CONVERT = ["--method", "svd", "--kv-budget", "0.25", "--finetune-steps", "0", "--no-verify", "--no-validate", "-q"]
+CALIBRATE = ["--method", "activation", "--calib-tokens", "2048", "--calib-seq-len", "256"]
+CALIBRATE += ["--finetune-steps", "0", "--no-verify", "--no-validate", "-q"]
+WORDS = ["the", "a", "cache", "layer", "key", "value", "latent", "rotary", "head", "query", "model", "token"]
 
 
 def layer_shapes(s: dict) -> dict[str, tuple[int, ...]]:
@@ -120,6 +129,31 @@ def _finish(path: Path, shards: list[dict], total: int) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def write_text_data(path: Path, words: int = 8000, seed: int = 0) -> Path:
+    """A word-level tokenizer saved into the checkpoint and a calibration file of random words from it."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", *WORDS])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="</s>").save_pretrained(path)
+    rng = random.Random(seed)
+    text = path.parent / f"{path.name}-calib.txt"
+    text.write_text(" ".join(rng.choice(WORDS) for _ in range(words)) + "\n")
+    return text
+
+
+def budget_ranks(s: dict, budget: float = 0.25) -> list[str]:
+    """--rope-dim and --kv-rank for the budget: half a head of rotary key, the latent takes the rest."""
+    head_dim = s["hidden"] // s["heads"]
+    total = int(budget * 2 * s["kv"] * head_dim)
+    rope = min(head_dim // 2, total // 2)
+    return ["--rope-dim", str(rope), "--kv-rank", str(total - rope)]
+
+
 def cold_cache() -> bool:
     subprocess.run(["sync"], check=True)
     try:
@@ -156,7 +190,7 @@ def shape_of(name: str) -> dict:
     return shape
 
 
-def run_size(name: str, workdir: Path, io: bool) -> dict:
+def run_size(name: str, workdir: Path, io: bool, calibrated: bool = False) -> dict:
     s = shape_of(name)
     src, out = workdir / f"src-{name}", workdir / f"out-{name}"
     for p in (src, out):
@@ -182,6 +216,17 @@ def run_size(name: str, workdir: Path, io: bool) -> dict:
     row["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"{name}: converted in {row['convert_seconds']:.1f} s, peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB")
     shutil.rmtree(out)
+    if calibrated:
+        text = write_text_data(src)
+        cold_cache()
+        cmd = [*cli[:5], *CALIBRATE, "--calib-data", str(text), *budget_ranks(s)]
+        row["calibrated_seconds"], _ = timed(cmd)
+        report = json.loads((out / "mla_report.json").read_text())
+        row["calibrated_peak_rss_bytes"] = report["resources"]["peak_rss_bytes"]
+        rss = row["calibrated_peak_rss_bytes"] / 1e9
+        print(f"{name}: calibrated in {row['calibrated_seconds']:.1f} s, peak RSS {rss:.2f} GB")
+        shutil.rmtree(out)
+        text.unlink()
     if io:
         copy = workdir / f"copy-{name}"
         cold_cache()
@@ -209,6 +254,13 @@ def table(rows: list[dict]) -> str:
             f"{(r['largest_layer_bytes'] + r['embedding_bytes']) / gb:.2f} GB | {r['bound_bytes'] / gb:.2f} GB | "
             f"{r['peak_rss_bytes'] / gb:.2f} GB | {r['convert_seconds']:.1f} s | {cp} | {ls} |"
         )
+    calibrated = [r for r in rows if "calibrated_seconds" in r]
+    if calibrated:
+        lines += ["", "| shape | calibrated: peak RSS | time |", "|---|---:|---:|"]
+        for r in calibrated:
+            lines.append(
+                f"| {r['size']} | {r['calibrated_peak_rss_bytes'] / gb:.2f} GB | {r['calibrated_seconds']:.1f} s |"
+            )
     return "\n".join(lines)
 
 
@@ -216,11 +268,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "0.5B", "1.5B", "3B", "7B-8L", "7B-16L", "7B"])
     parser.add_argument("--io", nargs="*", default=["0.5B", "1.5B", "3B", "7B"])
+    parser.add_argument("--calibrated", nargs="*", default=[])
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "mla-convert" / "bench-scaling")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scaling.json")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    rows = [run_size(name, args.workdir, name in args.io) for name in args.sizes]
+    rows = [run_size(name, args.workdir, name in args.io, name in args.calibrated) for name in args.sizes]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))

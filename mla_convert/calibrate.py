@@ -233,6 +233,7 @@ def text_sets(
     column: str,
     seed: int,
     need_eval: bool,
+    sample_eval: bool = True,
     need_calib: bool = True,
     train_data: str | None = None,
     train_tokens: int = 0,
@@ -242,6 +243,8 @@ def text_sets(
 
     With train_tokens > 0 fine-tune windows come from --train-data, else --calib-data, else the calibration
     sample; when the evaluation text is the held-out tail of that same file, training never sees it.
+    Evaluation text is sampled from the source model (which needs it whole) only when no file gives it
+    and sample_eval says it will be used.
     """
     check_lengths(calib_tokens, seq_len, getattr(source.config, "max_position_embeddings", None))
     tokenizer = source.tokenizer()
@@ -287,7 +290,7 @@ def text_sets(
         count = max(1, calib_tokens // seq_len)
         notes.append(f"no --calib-data: calibrating on {count * seq_len} tokens sampled from the source model itself")
         calib = TokenWindows(sample_windows(source.model(), tokenizer, count, seq_len, seed), "sampled from the source")
-    if need_eval and evaluation is None:
+    if need_eval and sample_eval and evaluation is None:
         count = max(1, min(eval_tokens, 4096) // seq_len)
         ids = sample_windows(source.model(), tokenizer, count, seq_len, seed + 1)
         evaluation = TokenWindows(ids, "sampled from the source (separate seed)")

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
 from .convert import layer_tensors
 from .errors import ConversionError
@@ -25,6 +24,7 @@ from .sequential import (
     deepseek_runtime_config,
     refit_output_projection,
     relative,
+    rotary,
     second_moment,
 )
 from .source import Source
@@ -65,15 +65,18 @@ def budget_candidates(
 
 @torch.no_grad()
 def score_candidates(
-    source: Source, plans: list[Plan], ids: torch.Tensor, on_layer: Callable[[int], None] | None = None
+    source: Source,
+    plans: list[Plan],
+    ids: torch.Tensor,
+    on_layer: Callable[[int], None] | None = None,
+    device: str = "cpu",
 ) -> list[Scored]:
     """Run every candidate on the source's own activations, layer by layer."""
-    walk = SourceWalk(source, ids[:SELECTION_WINDOWS])
+    walk = SourceWalk(source, ids[:SELECTION_WINDOWS], device)
     runtimes = []
     for plan in plans:
         config = deepseek_runtime_config(plan, source.config)
-        positions = torch.arange(ids.shape[1])[None]
-        runtimes.append((config, DeepseekV3RotaryEmbedding(config)(walk.h[:1], positions)))
+        runtimes.append((config, rotary(config, walk.h[:1], ids.shape[1])))
     totals = [0.0] * len(plans)
     layers = plans[0].geometry.layers
     for i in range(layers):
@@ -81,8 +84,8 @@ def score_candidates(
         cov = second_moment(x)
         root = psd_root(cov)[0]
         for c, (plan, (config, pos)) in enumerate(zip(plans, runtimes, strict=True)):
-            tensors, _ = layer_tensors(source, plan, i, cov, cov_root=root)
-            attn = build_attention(config, i, tensors)
+            tensors, _ = layer_tensors(source, plan, i, cov, device, cov_root=root)
+            attn = build_attention(config, i, tensors, device)
             target = ref * plan.residual_scale
             if plan.refit_output:
                 refit_output_projection(attn, x, pos, target, tensors, i)

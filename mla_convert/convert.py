@@ -120,7 +120,7 @@ def layer_tensors(
         q_nope = form.q[:, : geo.head_dim]
         o_proj = o_source.to(device=device, dtype=work, copy=True)  # o_source is rescaled in place below
         k_blocks, v_blocks = kv_row_metric(q_nope, o_proj, cov, geo.kv_heads, geo.head_dim)
-        factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, plan.key_weight)
+        factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, plan.key_weight, cov_root)
     input_norm = source.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
     attn = attention_tensors(
         form,

@@ -146,21 +146,27 @@ def whole_models_fit(source: Source) -> bool:
 
 
 def _check_memory(source: Source, options: Options, plan: Plan, wants_finetune: bool) -> None:
-    """Refuse, before writing anything, the stages that need whole float32 models the machine cannot hold."""
-    calibrated = options.method == "activation" and not structurally_lossless(plan)
-    if not (calibrated or wants_finetune) or whole_models_fit(source):
+    """Refuse, before writing anything, the stages that need whole float32 models the machine cannot hold.
+
+    Conversion and calibration on --calib-data stream the checkpoint layer by layer; the fine-tune holds
+    the source and the converted model, and sampling calibration text holds the source.
+    """
+    sampling = options.method == "activation" and not structurally_lossless(plan) and not options.calib_data
+    if wants_finetune:
+        models, stage = 2, "the fine-tune holds the source and the converted model"
+        fix = "--finetune-steps 0 (the conversion itself streams layer by layer)"
+    elif sampling:
+        models, stage = 1, "sampling calibration text (no --calib-data) holds the whole source model"
+        fix = "pass --calib-data FILE (calibration then reads one layer at a time) or use --method svd"
+    else:
         return
-    need = resources.gigabytes(resources.float32_models_bytes(source.parameter_count()))
+    need = resources.float32_models_bytes(source.parameter_count(), models)
+    if resources.fits(need):
+        return
     have = resources.gigabytes(resources.available_memory_bytes())
-    stage = (
-        "--method activation (the default) and the fine-tune"
-        if calibrated and wants_finetune
-        else ("--method activation (the default)" if calibrated else "the fine-tune")
-    )
     raise ConversionError(
-        f"{stage} holds the source and the converted model in float32 (about {need}) and only {have} is "
-        "available; to resolve, convert data-free in bounded memory with --method svd --finetune-steps 0, "
-        "or use a machine with more memory"
+        f"{stage} in float32 (about {resources.gigabytes(need)}) and only {have} is available; "
+        f"to resolve, {fix}, or use a machine with more memory"
     )
 
 
@@ -218,6 +224,7 @@ def _convert_stage(
             column=options.text_column,
             seed=options.seed,
             need_eval=need_eval,
+            sample_eval=(options.validate and whole_fit) or training,
             need_calib=calibrated,
             train_data=options.train_data,
             train_tokens=options.train_tokens if training else 0,
@@ -232,7 +239,7 @@ def _convert_stage(
         if texts and texts.calib:
             from .sequential import SequentialCalibrator  # imports transformers' DeepSeek modeling: seconds
 
-            calibrator = SequentialCalibrator(source, plan, texts.calib.ids)
+            calibrator = SequentialCalibrator(source, plan, texts.calib.ids, options.device)
         hooks.on_stage("converting layers")
         with ShardWriter(tmp, plan.dtype, options.max_shard_bytes) as writer:
             stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device, calibrator=calibrator)
@@ -283,8 +290,8 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     covariances = None
     if options.target == "transformers" and plan.compressed:
         hooks.on_stage("measuring rotary energy on calibration text")
-        walk = SourceWalk(source, ids[:8])
-        covariances = [second_moment(walk.step(i)[0]) for i in range(plan.geometry.layers)]
+        walk = SourceWalk(source, ids[:8], options.device)
+        covariances = [second_moment(walk.step(i)[0]).cpu() for i in range(plan.geometry.layers)]
         plan = plan_for(source, options, covariances)
     geo = plan.geometry
     max_rope = geo.head_dim if options.target == "portable" else geo.kv_heads * geo.head_dim
@@ -300,7 +307,7 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     if len(candidates) == 1:
         return candidates[0]
     hooks.on_stage(f"measuring {len(candidates)} ways to split the budget")
-    best, reason = pick(score_candidates(source, candidates, ids))
+    best, reason = pick(score_candidates(source, candidates, ids, device=options.device))
     best.split_reason = f"budget {options.kv_budget} of {geo.kv_elements} = {total} elements; {reason}"
     return best
 

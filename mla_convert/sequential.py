@@ -1,9 +1,9 @@
 """Layer-by-layer calibration: statistics for layer i come from the inputs that converted layers 0..i-1
 produce, so approximation errors are seen (and partly absorbed) instead of silently compounding.
 
-Of the converted model only the residual stream of the calibration windows ([windows, seq_len, hidden],
-float32) and the layer being converted are held. The source model is still held whole (for its
-attention outputs); streaming it layer by layer is future work.
+Only the residual stream of the calibration windows ([windows, seq_len, hidden], float32), the source
+layer being converted (read from the checkpoint, source_layers.py) and its converted counterpart are
+held, all on the compute device: memory depends on the largest layer, not on the number of layers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from .plan import Plan
 from .source import Source
+from .source_layers import SourceLayers, materialise
 from .target_config import deepseek_config
 
 BATCH = 8  # windows per forward pass: bounds attention memory
@@ -29,6 +30,12 @@ def deepseek_runtime_config(plan: Plan, source_config: Any) -> DeepseekV3Config:
     config = DeepseekV3Config(**deepseek_config(plan, source_config))
     config._attn_implementation = "sdpa"  # causal masking with attention_mask=None
     return config
+
+
+def rotary(config: DeepseekV3Config, like: torch.Tensor, seq_len: int) -> Any:
+    """The converted model's (cos, sin) for positions 0..seq_len-1, on like's device."""
+    positions = torch.arange(seq_len, device=like.device)[None]
+    return DeepseekV3RotaryEmbedding(config).to(like.device)(like, positions)
 
 
 def second_moment(x: torch.Tensor) -> torch.Tensor:
@@ -49,33 +56,32 @@ def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
 class SequentialCalibrator:
     """Implements convert.Calibrator on token windows ids [count, seq_len]."""
 
-    def __init__(self, source: Source, plan: Plan, ids: torch.Tensor):
-        model = source.model()
-        self.layers = model.model.layers
+    def __init__(self, source: Source, plan: Plan, ids: torch.Tensor, device: str = "cpu"):
+        self.source = SourceLayers(source, device)
         self.config = deepseek_runtime_config(plan, source.config)
         self.lam = plan.residual_scale
         with torch.no_grad():
-            self.h = model.model.embed_tokens(ids).float() * self.lam
-            positions = torch.arange(ids.shape[1])[None]
-            self.ds_pos = DeepseekV3RotaryEmbedding(self.config)(self.h[:1], positions)
-            self.src_pos = model.model.rotary_emb(self.h[:1], positions)
+            self.h = self.source.embed(ids) * self.lam
+            self.ds_pos = rotary(self.config, self.h[:1], ids.shape[1])
+            self.src_pos = self.source.rotary(self.h[:1], torch.arange(ids.shape[1], device=device)[None])
         self._x: torch.Tensor | None = None
         self.refit_output = plan.refit_output
 
     @torch.no_grad()
     def covariance(self, index: int) -> torch.Tensor:
-        norm = self.layers[index].input_layernorm
+        norm = self.source.layer(index).input_layernorm
         self._x = batched(lambda h: norm(h / self.lam), self.h)  # equals the converted layer's own norm
         return second_moment(self._x)
 
     @torch.no_grad()
     def advance(self, index: int, tensors: dict[str, torch.Tensor]) -> float:
         """Refit o_proj to the source attention output on these inputs, then move the stream on."""
-        layer = build_layer(self.config, index, tensors)
         x = self._x
         assert x is not None
-        src_attn = self.layers[index].self_attn
+        layer = build_layer(self.config, index, tensors, x.device)
+        src_attn = self.source.layer(index).self_attn
         ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
+        self.source.release(index)
         if self.refit_output:
             refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
         out = batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x)
@@ -99,7 +105,7 @@ def refit_output_projection(
     """
     name = f"model.layers.{index}.self_attn.o_proj.weight"
     inputs = batched(lambda t: o_proj_input(attn, t, pos), x)
-    tensors[name] = refit_linear(inputs, target, tensors[name].to(torch.float64))
+    tensors[name] = refit_linear(inputs, target, tensors[name].to(device=x.device, dtype=torch.float64))
     attn.o_proj.weight.copy_(tensors[name].float())
 
 
@@ -126,41 +132,45 @@ def refit_linear(
     gram = z.T @ z
     mu = ridge * float(torch.trace(gram)) / gram.shape[0]
     rhs = o.T @ z + mu * weight
-    return torch.linalg.solve(gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype), rhs.T).T
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + mu * eye, rhs.T).T
 
 
-def build_layer(config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor]) -> DeepseekV3DecoderLayer:
-    prefix = f"model.layers.{index}."
-    layer = DeepseekV3DecoderLayer(config, index).eval()
-    layer.load_state_dict({k[len(prefix) :]: v.float() for k, v in tensors.items()}, strict=True)
-    return layer
+def build_layer(
+    config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> DeepseekV3DecoderLayer:
+    return _built(DeepseekV3DecoderLayer, config, index, f"model.layers.{index}.", tensors, device)
 
 
-def build_attention(config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor]) -> DeepseekV3Attention:
-    prefix = f"model.layers.{index}.self_attn."
-    attn = DeepseekV3Attention(config, index).eval()
-    state = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-    attn.load_state_dict(state, strict=True)
-    return attn
+def build_attention(
+    config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> DeepseekV3Attention:
+    return _built(DeepseekV3Attention, config, index, f"model.layers.{index}.self_attn.", tensors, device)
+
+
+def _built(kind: Any, config: DeepseekV3Config, index: int, prefix: str, tensors: dict, device: Any) -> Any:
+    """A converted module made on the meta device (no initialisation) and filled from its tensors on device."""
+    with torch.device("meta"):
+        module = kind(config, index)
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return materialise(module, state, str(device))
 
 
 class SourceWalk:
     """The source model's own attention inputs and outputs, layer by layer (for comparing candidates)."""
 
-    def __init__(self, source: Source, ids: torch.Tensor):
-        model = source.model()
-        self.layers = model.model.layers
+    def __init__(self, source: Source, ids: torch.Tensor, device: str = "cpu"):
+        self.source = SourceLayers(source, device)
         with torch.no_grad():
-            self.h = model.model.embed_tokens(ids).float()
-            positions = torch.arange(ids.shape[1])[None]
-            self.src_pos = model.model.rotary_emb(self.h[:1], positions)
-            self.positions = positions
+            self.h = self.source.embed(ids)
+            self.src_pos = self.source.rotary(self.h[:1], torch.arange(ids.shape[1], device=device)[None])
 
     @torch.no_grad()
     def step(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention input, source attention output) of layer `index`, then move to the next layer."""
-        layer = self.layers[index]
+        layer = self.source.layer(index)
         x = batched(layer.input_layernorm, self.h)
         out = batched(lambda t: layer.self_attn(t, self.src_pos, None)[0], x)
         self.h = batched(lambda h: layer(h, position_embeddings=self.src_pos), self.h)
+        self.source.release(index)
         return x, out

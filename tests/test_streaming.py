@@ -16,9 +16,11 @@ from mla_convert import resources
 from mla_convert.convert import convert
 from mla_convert.job import Options, plan_for
 from mla_convert.safetensors_io import HEADER_CAPACITY, SafetensorsError, ShardFile, TensorFile, read_header
-from mla_convert.source import Source
+from mla_convert.source import Source, resolve
+from mla_convert.source_layers import SourceLayers
 
 from .conftest import QUICK_CALIB
+from .test_calibration import documents, text_model  # noqa: F401 (text_model is a fixture)
 from .test_bad_input import one_line
 
 SVD = ("--method", "svd", "--kv-budget", "0.5", "--finetune-steps", "0", "--no-validate", "-q")
@@ -240,15 +242,68 @@ def test_whole_model_stages_are_refused_or_skipped_when_memory_is_short(
     cli, tiny_llama: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setattr(resources, "available_memory_bytes", lambda: 1000)
-    refused = cli(tiny_llama, tmp_path / "calibrated", "--kv-budget", "0.5")
-    one_line(refused, "--method activation", "fine-tune", "--method svd --finetune-steps 0")
-    assert not (tmp_path / "calibrated").exists()
+    refused = cli(tiny_llama, tmp_path / "sampled", "--kv-budget", "0.5", "--finetune-steps", "0")
+    one_line(refused, "sampling calibration text", "--calib-data", "--method svd")
+    assert not (tmp_path / "sampled").exists()
+    refused = cli(tiny_llama, tmp_path / "healed", "--kv-budget", "0.5", "--method", "svd")
+    one_line(refused, "the fine-tune", "--finetune-steps 0")
+    assert not (tmp_path / "healed").exists()
     result = cli(tiny_llama, tmp_path / "streamed", "--kv-budget", "0.5", "--method", "svd", "--finetune-steps", "0")
     assert result.exit_code == 0, result.output
     assert "skipped --verify and --validate" in result.stderr
     report = json.loads((tmp_path / "streamed" / "mla_report.json").read_text())
     assert report["verification"] is None and report["validation"] is None
     assert any("skipped --verify" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize("family", ["llama_gqa_tied", "llama3_mqa", "mistral_gqa", "qwen2_gqa_bias"])
+def test_source_layers_built_one_at_a_time_compute_what_the_whole_model_does(
+    tiny_models: dict[str, Path], family: str
+) -> None:
+    whole = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    layers = SourceLayers(resolve(str(tiny_models[family])))
+    ids = torch.randint(0, whole.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        h = whole.model.embed_tokens(ids)
+        mine = layers.embed(ids)
+        assert torch.equal(mine, h)
+        pos = whole.model.rotary_emb(h, positions)
+        assert all(torch.equal(a, b) for a, b in zip(layers.rotary(h, positions), pos, strict=True))
+        for i, reference in enumerate(whole.model.layers):
+            layer = layers.layer(i)
+            assert layer is not reference
+            out = layer(h, position_embeddings=pos)
+            assert torch.equal(out, reference(h, position_embeddings=pos)), (family, i)
+            layers.release(i)
+            assert all(p.is_meta for p in layer.parameters()), "a released layer keeps its weights"
+            h = out
+
+
+def test_calibrating_on_a_file_streams_the_source_layer_by_layer(
+    cli, text_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """With --calib-data the activation-aware path never builds the whole source model, and its output does
+    not depend on whether the machine could have held it (verification and validation only read it)."""
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(documents(60, seed=4)) + "\n", encoding="utf-8")
+    args = ["--kv-budget", "0.5", "--calib-data", data, "--calib-tokens", "512", "--calib-seq-len", "32"]
+    args += ["--finetune-steps", "0", "-q"]
+    roomy = rerun_files(cli, text_model, tmp_path, "roomy", *args)
+
+    def whole_model(self: Source) -> None:
+        raise AssertionError("the whole source model was built")
+
+    monkeypatch.setattr(Source, "model", whole_model)
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: 1000)
+    tight = rerun_files(cli, text_model, tmp_path, "tight", *args)
+    report = json.loads(tight["mla_report.json"])
+    assert report["calibration"]["source"] == str(data)
+    assert "measured on calibration windows" in report["settings"]["split_reason"]
+    assert any("skipped --verify and --validate" in w for w in report["warnings"])
+    assert json.loads(roomy["mla_report.json"])["verification"] is not None
+    weights = [name for name in roomy if name.endswith(".safetensors")]
+    assert weights and all(tight[name] == roomy[name] for name in weights)
 
 
 def test_a_bf16_checkpoint_converts_losslessly_with_float32_math(cli, tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ def psd_root(matrix: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, 
     """Symmetric square root and inverse square root of a PSD matrix, regularised relative to its trace."""
     size = matrix.shape[0]
     scale = float(torch.trace(matrix)) / size if size else 0.0
-    vals, vecs = torch.linalg.eigh(matrix + ridge * max(scale, 1e-30) * torch.eye(size, dtype=matrix.dtype))
+    vals, vecs = torch.linalg.eigh(
+        matrix + ridge * max(scale, 1e-30) * torch.eye(size, dtype=matrix.dtype, device=matrix.device)
+    )
     vals = vals.clamp_min(ridge * max(scale, 1e-30))
     return (vecs * vals.sqrt()) @ vecs.T, (vecs * vals.rsqrt()) @ vecs.T
 
@@ -53,10 +55,16 @@ def activation_factors(
     v_blocks: torch.Tensor,
     rank: int,
     key_weight: float = 1.0,
+    cov_root: torch.Tensor | None = None,
 ) -> Factors:
-    """Rank-`rank` latent minimising the metric-weighted error of kv [2*G*d, n+1] on inputs with moment cov."""
+    """Rank-`rank` latent minimising the metric-weighted error of kv [2*G*d, n+1] on inputs with moment cov.
+
+    cov_root (psd_root(cov)[0]) can be passed when the caller has it: for a 7B layer it is an
+    eigendecomposition of a 4097-square matrix.
+    """
     kv_heads, d = k_blocks.shape[0], k_blocks.shape[1]
-    cov_root, _ = psd_root(cov)
+    if cov_root is None:
+        cov_root = psd_root(cov)[0]
     roots, inv_roots = [], []
     for block in (*k_blocks, *v_blocks):
         root, inv = psd_root(block)
@@ -67,7 +75,7 @@ def activation_factors(
     k_energy = float(weighted[:rows].square().sum())
     v_energy = float(weighted[rows:].square().sum())
     balance = (key_weight * v_energy / k_energy) ** 0.5 if k_energy > 0 and v_energy > 0 else 1.0
-    scale = torch.ones(2 * kv_heads, dtype=kv.dtype)
+    scale = torch.ones(2 * kv_heads, dtype=kv.dtype, device=kv.device)
     scale[:kv_heads] = balance
     weighted = weighted * scale.repeat_interleave(d)[:, None]
     u, s, _ = torch.linalg.svd(weighted, full_matrices=False)
