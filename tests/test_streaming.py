@@ -20,8 +20,8 @@ from mla_convert.source import Source, resolve
 from mla_convert.source_layers import SourceLayers
 
 from .conftest import QUICK_CALIB
-from .test_calibration import documents, text_model  # noqa: F401 (text_model is a fixture)
 from .test_bad_input import one_line
+from .test_calibration import documents, text_model  # noqa: F401 (text_model is a fixture)
 
 SVD = ("--method", "svd", "--kv-budget", "0.5", "--finetune-steps", "0", "--no-validate", "-q")
 
@@ -281,7 +281,10 @@ def test_source_layers_built_one_at_a_time_compute_what_the_whole_model_does(
 
 
 def test_calibrating_on_a_file_streams_the_source_layer_by_layer(
-    cli, text_model: Path, tmp_path: Path, monkeypatch
+    cli,
+    text_model: Path,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+    monkeypatch,
 ) -> None:
     """With --calib-data the activation-aware path never builds the whole source model, and its output does
     not depend on whether the machine could have held it (verification and validation only read it)."""
