@@ -49,6 +49,12 @@ POINTS = {
 }
 
 
+def as_from_a_terminal() -> None:
+    """Give the child SIGINT's default action, as a terminal does: a test runner started in the background
+    (`cmd &` in a script) ignores SIGINT, its children inherit that, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_paused(point: str, model_in: Path, model_out: Path) -> subprocess.Popen:
     module, attr, when = POINTS[point]
     args = [str(model_in), str(model_out), "--method", "svd", "--kv-budget", "0.5", "--finetune-steps", "0"]
@@ -57,6 +63,7 @@ def start_paused(point: str, model_in: Path, model_out: Path) -> subprocess.Pope
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=as_from_a_terminal,
     )
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     assert proc.stderr is not None
