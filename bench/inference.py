@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mla_convert.hf_compat import cache_argument, output_cache
+
 sys.path.insert(0, str(Path(__file__).parent))
 from assets import CACHE, english_prose, smollm2_dir
 
@@ -52,14 +54,14 @@ def cache_bytes(cache: object) -> int:
 def decode(model: object, ids: torch.Tensor, new_tokens: int) -> tuple[int, float, list[int]]:
     """(live cache bytes after the prefill, decode tokens/s, the greedy tokens)."""
     out = model(ids, use_cache=True)  # type: ignore[operator]
-    cache = out.past_key_values
+    cache = output_cache(out)
     size = cache_bytes(cache)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [int(token)]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(token, past_key_values=cache, use_cache=True)  # type: ignore[operator]
-        cache = out.past_key_values
+        out = model(token, use_cache=True, **cache_argument(model, cache))  # type: ignore[operator]
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
     seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .hf_compat import output_cache
 from .report import Verification
 from .source import Source
 
@@ -49,7 +50,7 @@ def verify(source: Source, converted_dir: Path, *, tokens: int = 128, seed: int 
     model = load_converted(converted_dir)
     out = model(ids, use_cache=True)
     logits = out.logits.float()
-    layer0 = out.past_key_values.layers[0]
+    layer0 = output_cache(out).layers[0]
     cache_width = layer0.keys.shape[1] * layer0.keys.shape[-1] + layer0.values.shape[1] * layer0.values.shape[-1]
     ref_logp, logp = ref_logits.log_softmax(-1), logits.log_softmax(-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config
 
+from mla_convert.hf_compat import output_cache
 from mla_convert.job import Options, run
 
 from .conftest import QUICK_CALIB
@@ -69,7 +70,7 @@ def test_cache_holds_the_latent_and_the_shared_rotary_key(portable_out):
     out, report = portable_out
     model = load(out)
     generated = model.generate(random_ids(256, 12)[:1], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    layer = generated.past_key_values.layers[0]
+    layer = output_cache(generated).layers[0]
     assert layer.keys.shape[1] == 1 and layer.keys.shape[-1] == report["settings"]["kv_lora_rank"]
     assert layer.values.shape[1] == 1 and layer.values.shape[-1] == report["settings"]["qk_rope_head_dim"]
     assert generated.sequences.shape[1] == 17
