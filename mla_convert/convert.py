@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from . import resources
 from .families import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
 from .mla.activation import activation_error, activation_factors, kv_row_metric, psd_root
 from .mla.exact import SourceAttention, augment, mla_form, rotary_components
@@ -194,6 +195,7 @@ def convert(
         for name, tensor in tensors.items():
             sink(name, tensor)
         del tensors  # else the previous layer stays alive while the next one is computed
+        resources.return_free_memory()  # else the fragmented C heap grows layer after layer
         stats.append(layer)
         if on_layer:
             on_layer(layer)
