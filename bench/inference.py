@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mla_convert.hf_compat import cache_argument, output_cache
+from mla_convert.hf_compat import cache_keyword, output_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from assets import CACHE, english_prose, smollm2_dir
@@ -58,9 +58,10 @@ def decode(model: object, ids: torch.Tensor, new_tokens: int) -> tuple[int, floa
     size = cache_bytes(cache)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [int(token)]
+    keyword = cache_keyword(model)
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(token, use_cache=True, **cache_argument(model, cache))  # type: ignore[operator]
+        out = model(token, use_cache=True, **{keyword: cache})  # type: ignore[operator]
         cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))

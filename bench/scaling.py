@@ -209,8 +209,8 @@ def run_size(name: str, workdir: Path, io: bool, calibrated: bool = False) -> di
         "bound_bytes": int(1.5 * (layer + embeddings)),
     }
     row["cold_cache"] = cold_cache()
-    cli = [sys.executable, "-m", "mla_convert.cli", str(src), str(out), *CONVERT]
-    row["convert_seconds"], row["convert_time_rss"] = timed(cli)
+    cli = [sys.executable, "-m", "mla_convert.cli", str(src), str(out)]
+    row["convert_seconds"], row["convert_time_rss"] = timed([*cli, *CONVERT])
     report = json.loads((out / "mla_report.json").read_text())
     row["peak_rss_bytes"] = report["resources"]["peak_rss_bytes"]
     row["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -219,7 +219,7 @@ def run_size(name: str, workdir: Path, io: bool, calibrated: bool = False) -> di
     if calibrated:
         text = write_text_data(src)
         cold_cache()
-        cmd = [*cli[:5], *CALIBRATE, "--calib-data", str(text), *budget_ranks(s)]
+        cmd = [*cli, *CALIBRATE, "--calib-data", str(text), *budget_ranks(s)]
         row["calibrated_seconds"], _ = timed(cmd)
         report = json.loads((out / "mla_report.json").read_text())
         row["calibrated_peak_rss_bytes"] = report["resources"]["peak_rss_bytes"]

@@ -15,7 +15,6 @@ def output_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+def cache_keyword(model: Any) -> str:
     """The keyword that passes a cache back into `model`'s forward."""
-    accepts_cache = "cache" in inspect.signature(model.forward).parameters
-    return {"cache": cache} if accepts_cache else {"past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

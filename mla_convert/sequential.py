@@ -32,10 +32,10 @@ def deepseek_runtime_config(plan: Plan, source_config: Any) -> DeepseekV3Config:
     return config
 
 
-def rotary(config: DeepseekV3Config, like: torch.Tensor, seq_len: int) -> Any:
-    """The converted model's (cos, sin) for positions 0..seq_len-1, on like's device."""
+def rotary(embedding: torch.nn.Module, like: torch.Tensor, seq_len: int) -> Any:
+    """A rotary embedding's (cos, sin) for positions 0..seq_len-1, on like's device."""
     positions = torch.arange(seq_len, device=like.device)[None]
-    return DeepseekV3RotaryEmbedding(config).to(like.device)(like, positions)
+    return embedding.to(like.device)(like, positions)
 
 
 def second_moment(x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +62,8 @@ class SequentialCalibrator:
         self.lam = plan.residual_scale
         with torch.no_grad():
             self.h = self.source.embed(ids) * self.lam
-            self.ds_pos = rotary(self.config, self.h[:1], ids.shape[1])
-            self.src_pos = self.source.rotary(self.h[:1], torch.arange(ids.shape[1], device=device)[None])
+            self.ds_pos = rotary(DeepseekV3RotaryEmbedding(self.config), self.h[:1], ids.shape[1])
+            self.src_pos = rotary(self.source.rotary, self.h[:1], ids.shape[1])
         self._x: torch.Tensor | None = None
         self.refit_output = plan.refit_output
 
@@ -163,7 +163,7 @@ class SourceWalk:
         self.source = SourceLayers(source, device)
         with torch.no_grad():
             self.h = self.source.embed(ids)
-            self.src_pos = self.source.rotary(self.h[:1], torch.arange(ids.shape[1], device=device)[None])
+            self.src_pos = rotary(self.source.rotary, self.h[:1], ids.shape[1])
 
     @torch.no_grad()
     def step(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

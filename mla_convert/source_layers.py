@@ -47,9 +47,6 @@ class SourceLayers:
         self.rotary = type(skeleton.model.rotary_emb)(config=source.config).to(device)
         self._live: dict[int, nn.Module] = {}
 
-    def __len__(self) -> int:
-        return len(self._layers)
-
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings of ids (float32, on the device); the table is read once and dropped."""
