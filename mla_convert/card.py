@@ -17,12 +17,17 @@ def model_card(report: dict[str, Any], model_out_name: str) -> str:
         if settings["target"] == "transformers"
         else (
             "This checkpoint uses only settings that transformers, vLLM and SGLang compute identically: the plain "
-            "rotary frequency ladder, interleaved rotary pairs, no attention biases, an untied output head and "
-            "`rms_norm_eps` equal to the latent-norm epsilon. "
-            + _kernel_note(settings["kv_lora_rank"] + settings["qk_rope_head_dim"])
+            "rotary frequency ladder (written as DeepSeek's YaRN form with factor 1), interleaved rotary pairs, no "
+            "attention biases, an untied output head and `rms_norm_eps` equal to the latent-norm epsilon."
         )
     )
-    sections = [conversion_section(report), finetune_section(report), validation_section(report), plots_section(report)]
+    sections = [
+        serving_section(report, model_out_name),
+        conversion_section(report),
+        finetune_section(report),
+        validation_section(report),
+        plots_section(report),
+    ]
     body = "\n".join(s for s in sections if s)
     return f"""---
 library_name: transformers
@@ -57,7 +62,7 @@ def conversion_section(r: dict[str, Any]) -> str:
         "",
         f"- Source: `{src['path']}` ({src['architecture']}, {src['layers']} layers, {src['heads']} query heads, "
         f"{src['kv_heads']} KV heads, head_dim {src['head_dim']})",
-        f"- Target profile: `{st['target']}`; kv_lora_rank {st['kv_lora_rank']} (lossless {st['lossless_kv_rank']}), "
+        f"- Target profile: `{st['target']}`; kv_lora_rank {_latent(st)} (lossless {st['lossless_kv_rank']}), "
         f"qk_rope_head_dim {st['qk_rope_head_dim']}, rope_theta {st['rope_theta']:g}, dtype {st['dtype']}",
         f"- Split: {st['split_reason']}",
         f"- KV cache per token per layer: {kv['original_elements_per_token_per_layer']} -> "
@@ -102,6 +107,11 @@ def conversion_section(r: dict[str, Any]) -> str:
     if r.get("warnings"):
         lines += ["", "### Warnings", ""] + [f"- {w}" for w in r["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def _latent(settings: dict[str, Any]) -> str:
+    width, real = settings["kv_lora_rank"], settings.get("latent_rank", settings["kv_lora_rank"])
+    return str(width) if real >= width else f"{width} ({real} real components, {width - real} zero for the engine)"
 
 
 def finetune_section(r: dict[str, Any]) -> str:
@@ -152,11 +162,38 @@ def plots_section(r: dict[str, Any]) -> str:
     return "## Plots\n\n" + "\n".join(f"![{titles.get(p, p)}]({p})" for p in plots) + "\n"
 
 
-def _kernel_note(cache_width: int) -> str:
-    if cache_width in (576, 320):
-        return f"Its cache width per token ({cache_width}) is one that vLLM's MLA kernels accept."
-    return (
-        f"Note: its cache width per token ({cache_width} = kv_lora_rank + qk_rope_head_dim) is not one that "
-        "current vLLM MLA backends declare support for (576 or 320); check your engine's supported sizes "
-        "before serving it there."
-    )
+QUANTIZATION_NOTE = (
+    "The first `kv_lora_rank` rows of every `kv_a_proj_with_mqa` are about 1e-8 in size by design (they keep "
+    "the latent norm linear). float16 and any quantizer with per-tensor or float16 block scales (GGUF q8_0/q4 "
+    "of that tensor, per-tensor fp8) round them to zero and break the model: keep `kv_a_proj_with_mqa` "
+    "(`attn_kv_a_mqa` in a GGUF) in bfloat16 or float32; per-output-channel schemes keep it intact."
+)
+
+
+def serving_section(r: dict[str, Any], name: str) -> str:
+    """Which engines serve it (decided from its widths and profile, tested where marked) and how."""
+    rows = r.get("engines") or []
+    if not rows:
+        return ""
+    lines = ["## Serving", "", "| engine | status | why |", "|---|---|---|"]
+    lines += [f"| {row['engine']} | {row['status']} | {row['detail']} |" for row in rows]
+    status = {row["engine"]: row["status"] for row in rows}
+    if status.get("vLLM") == "serves":
+        lines += [
+            "",
+            "vLLM (tested on its CPU build in float32; on a GPU the same command picks a GPU MLA backend):",
+            "",
+            "```python",
+            "from vllm import LLM",
+            f'llm = LLM(model="{name}")',
+            "```",
+        ]
+    gguf = r.get("gguf")
+    if gguf:
+        lines += [
+            "",
+            f"llama.cpp: `{gguf['file']}` ({gguf['type']}), e.g. `llama-cli -m {gguf['file']}`; "
+            "no `--override-kv` needed.",
+        ]
+    lines += ["", QUANTIZATION_NOTE]
+    return "\n".join(lines) + "\n"

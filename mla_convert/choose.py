@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
 from .convert import layer_tensors
 from .errors import ConversionError
@@ -63,6 +64,15 @@ def budget_candidates(
     return plans
 
 
+def stride_candidates(make: Callable[..., Plan], rope_dim: int, kv_rank: int, head_dim: int) -> list[Plan]:
+    """A rotary key of fixed width over every ladder stride the source's frequencies allow (at least stride 1)."""
+    plans = [make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1)]
+    for stride in STRIDES[1:]:
+        if (rope_dim // 2 - 1) * stride <= head_dim // 2 - 1:
+            plans.append(make(rope_dim=rope_dim, kv_rank=kv_rank, stride=stride))
+    return plans
+
+
 @torch.no_grad()
 def score_candidates(
     source: Source,
@@ -76,7 +86,7 @@ def score_candidates(
     runtimes = []
     for plan in plans:
         config = deepseek_runtime_config(plan, source.config)
-        runtimes.append((config, rotary(config, walk.h[:1], ids.shape[1])))
+        runtimes.append((config, rotary(DeepseekV3RotaryEmbedding(config), walk.h[:1], ids.shape[1])))
     totals = [0.0] * len(plans)
     layers = plans[0].geometry.layers
     for i in range(layers):

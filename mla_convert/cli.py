@@ -52,6 +52,16 @@ class TrainScope(str, Enum):
     all = "all"
 
 
+class Engine(str, Enum):
+    vllm = "vllm"
+
+
+class GgufType(str, Enum):
+    f32 = "f32"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -100,6 +110,20 @@ def convert(
     method: Annotated[
         Method, typer.Option(help="activation: fit to calibration activations (default); svd: data-free weight SVD.")
     ] = Method.activation,
+    engine: Annotated[
+        Engine | None,
+        typer.Option(
+            help="Widths this serving engine runs: vllm = latent 512 + rotary 64 (real components up to "
+            "--kv-rank or the lossless rank, zeros beyond)."
+        ),
+    ] = None,
+    gguf: Annotated[
+        GgufType | None,
+        typer.Option(
+            help="Also write MODEL_OUT/NAME-TYPE.gguf for llama.cpp. q8_0 keeps attn_kv_a_mqa in float32 "
+            "(f16 would erase its tiny latent rows)."
+        ),
+    ] = None,
     calib_data: Annotated[
         str | None,
         typer.Option(
@@ -205,12 +229,15 @@ def convert(
             resume=resume,
             validate=validate,
             allow_pickle=allow_pickle,
+            engine=None if engine is None else engine.value,
+            gguf=None if gguf is None else gguf.value,
         )
         with _progress(quiet) as progress:
             task = progress.add_task("starting", total=None)
             hooks = Hooks(
                 on_stage=lambda text: progress.update(task, description=text),
                 on_plan=lambda plan: _show_plan(plan, progress, task, quiet),
+                on_engines=lambda found: _show_engines(found, progress, quiet),
                 on_layer=lambda stats: progress.advance(task),
                 on_train_start=lambda total: progress.update(task, total=total, completed=0),
                 on_step=lambda info: _show_step(info, progress, task, quiet),
@@ -289,10 +316,23 @@ def _show_plan(plan, progress, task, quiet: bool) -> None:  # type: ignore[no-un
     progress.update(task, description="converting layers", total=plan.geometry.layers, completed=0)
     if not quiet:
         progress.console.print(
-            f"plan: target {plan.target}, kv_lora_rank {plan.kv_rank} (lossless {plan.full_kv_rank}), "
+            f"plan: target {plan.target}, kv_lora_rank {_latent(plan)} (lossless {plan.full_kv_rank}), "
             f"qk_rope_head_dim {plan.rope_dim}, rope_theta {plan.rope_theta:g} — {plan.split_reason}",
             soft_wrap=True,  # one line in logs too; a terminal wraps it itself
         )
+
+
+def _show_engines(found, progress, quiet: bool) -> None:  # type: ignore[no-untyped-def]
+    if not quiet:
+        from .report import engines_table
+
+        progress.console.print(engines_table([v.as_dict() for v in found]))
+
+
+def _latent(plan) -> str:  # type: ignore[no-untyped-def]
+    if plan.latent_width > plan.kv_rank:
+        return f"{plan.latent_width} ({plan.kv_rank} real, {plan.latent_width - plan.kv_rank} zero)"
+    return str(plan.kv_rank)
 
 
 def _progress(quiet: bool) -> Progress:

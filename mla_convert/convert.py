@@ -132,6 +132,7 @@ def layer_tensors(
         input_bound=attention_input_bound(input_norm),
         keep_bias=plan.keep_bias,
         o_proj=scaled(o_source, plan.residual_scale, plan.dtype, source.streams),  # passes through, rescaled
+        latent_width=plan.latent_width,
     )
     prefix = f"model.layers.{i}."
     tensors = {f"{prefix}self_attn.{k}": v for k, v in attn.tensors.items()}

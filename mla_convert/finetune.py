@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from . import checkpoints, resources, validate
 from .calibrate import TokenWindows
 from .card import model_card
+from .engines.export import gguf_beside
 from .errors import ConversionError
 from .natural_scale import fold
 from .source import Source
@@ -151,6 +152,10 @@ def heal(
             hooks.on_stage("validating on held-out text")
             models = {"converted": load_converted(model_out), "fine-tuned": load_converted(tmp)}
         report = validate.into_report(report, source, models, evaluation, tmp, result.losses, result.resumed_from)
+        if options.gguf:
+            hooks.on_stage(f"writing the {options.gguf} GGUF for llama.cpp")
+            report["gguf"] = gguf_beside(tmp, model_out.name, options.gguf, source.gguf_path)
+            report["warnings"] += [w for w in report["gguf"]["warnings"] if w not in report["warnings"]]
         report["resources"] = resources.usage(started)
         write_json(tmp / "mla_report.json", report)
         write_text(tmp / "README.md", model_card(report, model_out.name))
@@ -176,7 +181,7 @@ def interrupted_note(model_out: Path) -> str | None:
 
 
 def _written_here(path: Path) -> bool:
-    return path.suffix in (".safetensors", ".png") or path.name in OWN_FILES
+    return path.suffix in (".safetensors", ".png", ".gguf") or path.name in OWN_FILES
 
 
 def _pending_report(model_out: Path, resume: bool) -> dict[str, Any]:

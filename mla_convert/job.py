@@ -22,6 +22,8 @@ from . import finetune, resources, validate
 from .calibrate import TextSets, text_sets
 from .card import model_card
 from .convert import LayerStats, convert, key_energies
+from .engines.export import gguf_beside
+from .engines.support import REFUSES, Verdict, verdicts
 from .errors import ConversionError
 from .plan import Plan, geometry_of, make_plan, resolve_dtype
 from .report import Report
@@ -69,6 +71,8 @@ class Options:
     resume: bool = False
     validate: bool = True
     allow_pickle: bool = False
+    engine: str | None = None  # "vllm": widths that engine's kernels run
+    gguf: str | None = None  # also write MODEL_OUT/<name>-<type>.gguf for llama.cpp: f32, bf16 or q8_0
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Hooks:
     """Progress callbacks so the job stays free of printing."""
 
     on_plan: Callable[[Plan], None] = lambda plan: None
+    on_engines: Callable[[list[Verdict]], None] = lambda verdicts: None
     on_layer: Callable[[LayerStats], None] = lambda stats: None
     on_stage: Callable[[str], None] = lambda text: None
     on_train_start: Callable[[int], None] = lambda total: None
@@ -97,9 +102,20 @@ def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] |
         key_energy=lambda: key_energies(
             source, geo, keep_bias, covariances, resolve_dtype(options.dtype, source.config)
         ),
+        engine=options.engine,
     )
     plan.method = options.method
     return plan
+
+
+def engine_verdicts(plan: Plan, options: Options) -> list[Verdict]:
+    """Which engines serve this plan's checkpoint (widths and profile decide; see engines/support.py)."""
+    return verdicts(plan.target, plan.latent_width, plan.rope_dim, options.gguf)
+
+
+def engine_warnings(found: list[Verdict]) -> list[str]:
+    """A checkpoint that an engine loads and then refuses, or computes wrongly, is never written silently."""
+    return [f"{v.engine} {v.status}: {v.detail}" for v in found if v.engine == "vLLM" and v.status == REFUSES]
 
 
 def structurally_lossless(plan: Plan) -> bool:
@@ -125,6 +141,7 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
     hooks.on_stage("reading the source")
     source = resolve(model_in, options.allow_pickle)
     plan = plan_for(source, options)  # validates every flag before any heavy work
+    hooks.on_engines(engine_verdicts(plan, options))
     wants_finetune = settings is not None and not structurally_lossless(plan)
     if wants_finetune:
         assert settings is not None
@@ -247,7 +264,18 @@ def _convert_stage(
             writer.finish()
         write_json(tmp / "config.json", deepseek_config(plan, source.config))
         _copy_tokenizer(source, tmp)
-        report = Report(source_label=source.label, plan=plan, layers=stats, warnings=list(plan.warnings))
+        found = engine_verdicts(plan, options)
+        report = Report(
+            source_label=source.label,
+            plan=plan,
+            layers=stats,
+            warnings=list(plan.warnings) + engine_warnings(found),
+            engines=[v.as_dict() for v in found],
+        )
+        if options.gguf and not training:
+            hooks.on_stage(f"writing the {options.gguf} GGUF for llama.cpp")
+            report.gguf = gguf_beside(tmp, model_out.name, options.gguf, source.gguf_path)
+            report.warnings += report.gguf["warnings"]
         if options.calib_data and not calibrated:
             why = "--method svd is data-free" if options.method == "svd" else "the conversion is lossless"
             report.warnings.append(f"--calib-data was not used: {why}")
@@ -284,7 +312,7 @@ def _convert_stage(
 
 def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks) -> Plan:
     """Redo the plan with activation statistics: rotary components and, for a budget, the measured split."""
-    from .choose import budget_candidates, pick, score_candidates
+    from .choose import budget_candidates, pick, score_candidates, stride_candidates
     from .sequential import SourceWalk, second_moment
 
     covariances = None
@@ -295,20 +323,27 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
         plan = plan_for(source, options, covariances)
     geo = plan.geometry
     max_rope = geo.head_dim if options.target == "portable" else geo.kv_heads * geo.head_dim
-    if options.kv_budget is None or (plan.rope_dim == max_rope and not plan.compressed):
-        return plan  # ranks given, or the budget covers the lossless map
-    total = math.floor(options.kv_budget * geo.kv_elements)
 
     def make(rope_dim: int, kv_rank: int, stride: int) -> Plan:
         ranks = replace(options, kv_budget=None, kv_rank=kv_rank, rope_dim=rope_dim)
         return plan_for(source, ranks, covariances, stride)
 
-    candidates = budget_candidates(make, total, geo.head_dim, max_rope, portable=options.target == "portable")
+    if options.engine is not None:  # the widths are fixed: measure which source frequencies the ladder holds
+        candidates = stride_candidates(make, plan.rope_dim, plan.kv_rank, geo.head_dim)
+        why = f"measuring {len(candidates)} rotary ladders for --engine {options.engine}"
+        prefix = plan.split_reason
+    elif options.kv_budget is None or (plan.rope_dim == max_rope and not plan.compressed):
+        return plan  # ranks given, or the budget covers the lossless map
+    else:
+        total = math.floor(options.kv_budget * geo.kv_elements)
+        candidates = budget_candidates(make, total, geo.head_dim, max_rope, portable=options.target == "portable")
+        why = f"measuring {len(candidates)} ways to split the budget"
+        prefix = f"budget {options.kv_budget} of {geo.kv_elements} = {total} elements"
     if len(candidates) == 1:
         return candidates[0]
-    hooks.on_stage(f"measuring {len(candidates)} ways to split the budget")
+    hooks.on_stage(why)
     best, reason = pick(score_candidates(source, candidates, ids, device=options.device))
-    best.split_reason = f"budget {options.kv_budget} of {geo.kv_elements} = {total} elements; {reason}"
+    best.split_reason = f"{prefix}; {reason}"
     return best
 
 

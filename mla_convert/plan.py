@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .engines.support import VLLM_LATENT, VLLM_ROPE
 from .errors import ConversionError
 from .families import Family, family_for, has_qkv_bias
 from .mla.exact import Slot
@@ -20,6 +21,7 @@ from .mla.latent_norm import LATENT_NORM_EPS
 from .mla.rotary import ladder, match_ladder, portable_theta, source_inv_freq
 
 TARGETS = ("portable", "transformers")
+ENGINES = ("vllm",)  # --engine: widths fixed by what the engine's kernels run
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,10 +69,16 @@ class Plan:
     stride: int = 1  # portable: the ladder holds every stride-th source frequency
     key_weight: float = 1.0  # activation method: weight of key error against value error in the latent
     refit_output: bool = True  # activation method: refit o_proj to the source attention output
+    engine: str | None = None  # --engine: the widths are the ones that engine's kernels run
+    latent_width: int = 0  # kv_lora_rank as written: kv_rank real components, zeros beyond (0: kv_rank)
+
+    def __post_init__(self) -> None:
+        self.latent_width = max(self.latent_width, self.kv_rank)
 
     @property
     def kv_elements(self) -> int:
-        return self.kv_rank + self.rope_dim
+        """Cache elements per token per layer as the engines hold them (padding included)."""
+        return self.latent_width + self.rope_dim
 
     @property
     def nope_dim(self) -> int:
@@ -113,15 +121,21 @@ def make_plan(
     dtype: str = "auto",
     stride: int = 1,
     key_energy: Callable[[], torch.Tensor] | None = None,
+    engine: str | None = None,
+    rope_padding: bool = False,
 ) -> Plan:
     """Decide the conversion.
 
     key_energy is called, only when the transformers profile must choose among rotary components, for
-    the [layers, freqs, kv_heads] energies of the mixed key components.
+    the [layers, freqs, kv_heads] energies of the mixed key components. With an engine the widths are
+    that engine's; kv_rank (or the budget) then decides how many latent components are real.
+    rope_padding lets a portable rotary key be wider than head_dim: the extra ladder slots stay empty.
     """
     if target not in TARGETS:
         raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
     geo = geometry_of(config)
+    if engine is not None:
+        return _engine_plan(config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride)
     d, kv = geo.head_dim, geo.kv_heads
     if d % 2:
         raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
@@ -131,7 +145,7 @@ def make_plan(
     if kv_budget is not None and (kv_rank is not None or rope_dim is not None):
         raise ConversionError("--kv-budget chooses --kv-rank and --rope-dim itself; pass either the budget or ranks")
     if rope_dim is not None:
-        _check_rope_dim(rope_dim, max_rope, target)
+        _check_rope_dim(rope_dim, max_rope if not rope_padding else max(max_rope, rope_dim), target)
     if kv_budget is not None:
         if not 0 < kv_budget <= 1:
             raise ConversionError(f"--kv-budget must be in (0, 1], got {kv_budget}")
@@ -160,7 +174,8 @@ def make_plan(
 
     inv_freq, rope_scaling = source_inv_freq(config, d)
     if target == "portable":
-        if stride < 1 or (rope_dim // 2 - 1) * stride > d // 2 - 1:
+        padded = rope_padding and rope_dim > d and stride == 1
+        if stride < 1 or ((rope_dim // 2 - 1) * stride > d // 2 - 1 and not padded):
             raise ConversionError(
                 f"a rotary ladder of {rope_dim // 2} frequencies at stride {stride} overruns the source's {d // 2}"
             )
@@ -168,7 +183,8 @@ def make_plan(
         slot_freq = ladder(rope_dim, theta)
         matches = match_ladder(slot_freq, inv_freq)
         slots: list[Slot] = [None if i is None else (i, 0) for i in matches]
-        empty = sum(1 for s in slots if s is None)
+        # slots past the source's slowest frequency are padding, not loss
+        empty = sum(1 for s in slots[: d // 2] if s is None)
         if empty:
             warnings.append(
                 f"{empty} of {len(slots)} rotary slots match no source frequency (rope type '{geo.rope_type}'); "
@@ -225,7 +241,68 @@ def make_plan(
         split_reason=split_reason,
         warnings=warnings,
         stride=stride if target == "portable" else 1,
+        engine=engine,
     )
+
+
+def _engine_plan(
+    config: Any,
+    geo: Geometry,
+    engine: str,
+    target: str,
+    kv_rank: int | None,
+    rope_dim: int | None,
+    kv_budget: float | None,
+    dtype: str,
+    stride: int,
+) -> Plan:
+    """Widths an engine's kernels run (vLLM: latent 512 + rotary 64), the latent holding as many real
+    components as the source has (up to 512) or as kv_rank says, zeros beyond."""
+    if engine not in ENGINES:
+        raise ConversionError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    width = VLLM_LATENT + VLLM_ROPE
+    layout = f"latent {VLLM_LATENT} + rotary {VLLM_ROPE}, the layout vLLM's MLA kernels run"
+    if target != "portable":
+        raise ConversionError(
+            "--engine vllm needs --target portable: vLLM replaces the transformers profile's rotary frequencies "
+            "and drops its biases; to resolve, drop --target transformers"
+        )
+    if rope_dim is not None and rope_dim != VLLM_ROPE:
+        raise ConversionError(
+            f"--engine vllm fixes the rotary key at {VLLM_ROPE} ({layout}), got --rope-dim {rope_dim}; "
+            "to resolve, drop --rope-dim"
+        )
+    if kv_budget is not None:
+        if not 0 < kv_budget <= 1:
+            raise ConversionError(f"--kv-budget must be in (0, 1], got {kv_budget}")
+        allowed = math.floor(kv_budget * geo.kv_elements)
+        if allowed < width:
+            raise ConversionError(
+                f"--engine vllm holds {width} cache elements per token per layer ({layout}), but --kv-budget "
+                f"{kv_budget} allows {allowed} of this model's {geo.kv_elements}; to resolve, drop --kv-budget "
+                f"(the vLLM cache is then {width / geo.kv_elements:.2f}x the source's) or drop --engine vllm"
+            )
+    if kv_rank is not None and kv_rank > VLLM_LATENT:
+        raise ConversionError(
+            f"--kv-rank {kv_rank} does not fit the {VLLM_LATENT}-wide latent of --engine vllm ({layout})"
+        )
+    fixed = {"target": target, "rope_dim": VLLM_ROPE, "dtype": dtype, "stride": stride, "rope_padding": True}
+    if kv_rank is None:
+        kv_rank = min(make_plan(config, **fixed).full_kv_rank, VLLM_LATENT)
+    plan = make_plan(config, kv_rank=kv_rank, **fixed)
+    plan.engine, plan.latent_width = engine, VLLM_LATENT
+    real = f"{plan.kv_rank} real latent components" + (
+        f" (lossless {plan.full_kv_rank})" if plan.compressed else " (lossless)"
+    )
+    plan.split_reason = f"--engine {engine}: {layout}; {real}" + (
+        f", {VLLM_LATENT - plan.kv_rank} zero" if plan.kv_rank < VLLM_LATENT else ""
+    )
+    if width > geo.kv_elements:
+        plan.warnings.append(
+            f"--engine vllm holds {width} cache elements per token per layer, {width / geo.kv_elements:.2f}x this "
+            f"model's {geo.kv_elements}: in vLLM it needs more KV cache than the source, not less"
+        )
+    return plan
 
 
 def _check_rope_dim(rope_dim: int, max_rope: int, target: str) -> None:

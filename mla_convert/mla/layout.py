@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,13 +28,19 @@ def attention_tensors(
     input_bound: float,
     keep_bias: bool,
     o_proj: torch.Tensor,
+    latent_width: int = 0,
 ) -> LayerTensors:
-    """DeepSeek-V3 attention tensors; with keep_bias the query bias rides on a pass-through q latent."""
+    """DeepSeek-V3 attention tensors; with keep_bias the query bias rides on a pass-through q latent.
+
+    A latent_width above the factors' rank pads the latent with zeros (zero rows of the down-projection,
+    zero columns of kv_b_proj): an engine that only runs certain widths then computes the same scores.
+    """
     feats = form.q.shape[-1]
     n = feats - 1
     group = num_heads // num_kv_heads
     root_eps = math.sqrt(LATENT_NORM_EPS)
     s = epsilon_regime_scale(factors.down, input_bound)
+    factors = pad_latent(factors, latent_width)
     out: dict[str, torch.Tensor] = {}
 
     q = form.q.reshape(-1, feats)
@@ -65,3 +71,13 @@ def attention_tensors(
     if keep_bias:
         out["o_proj.bias"] = o_proj.new_zeros(o_proj.shape[0])
     return LayerTensors(tensors=out, latent_scale=s)
+
+
+def pad_latent(factors: Factors, width: int) -> Factors:
+    """The same map with a latent `width` wide: the extra latent values are always zero."""
+    rank = factors.down.shape[0]
+    if width <= rank:
+        return factors
+    down = torch.cat([factors.down, factors.down.new_zeros(width - rank, factors.down.shape[1])])
+    up = torch.cat([factors.up, factors.up.new_zeros(factors.up.shape[0], width - rank)], dim=1)
+    return replace(factors, down=down, up=up)
