@@ -37,25 +37,35 @@ class TokenWindows:
         return int(self.ids.numel())
 
 
-def read_texts(spec: str, column: str = "text") -> list[str]:
-    """Documents from a .txt/.md file, a .jsonl/.parquet file (field `column`) or a hub dataset id."""
+def check_text_spec(spec: str) -> Path | None:
+    """The local file a text option names (None for a hub dataset id), refused now if it cannot be one.
+
+    Cheap (no reading), so the job runs it before loading any weights.
+    """
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if path.exists():
         if path.is_dir():
             raise ConversionError(f"text data must be a file (.txt, .jsonl, .parquet), got a directory: {path}")
-        if suffix in TEXT_SUFFIXES or suffix == "":
-            texts = [_read_text_file(path)]
-        elif suffix == ".jsonl":
-            texts = _read_jsonl(path, column)
-        elif suffix == ".parquet":
-            texts = _read_parquet(path, column)
-        else:
+        if suffix not in (*TEXT_SUFFIXES, "", ".jsonl", ".parquet"):
             raise ConversionError(f"unsupported text data format '{suffix}' ({path}); use .txt, .jsonl or .parquet")
-    elif suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet") or _looks_like_path(spec):
+        return path
+    if suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet") or _looks_like_path(spec):
         raise ConversionError(f"text data file not found: {path}")
-    else:
+    return None
+
+
+def read_texts(spec: str, column: str = "text") -> list[str]:
+    """Documents from a .txt/.md file, a .jsonl/.parquet file (field `column`) or a hub dataset id."""
+    path = check_text_spec(spec)
+    if path is None:
         texts = _read_hub_dataset(spec, column)
+    elif path.suffix.lower() == ".jsonl":
+        texts = _read_jsonl(path, column)
+    elif path.suffix.lower() == ".parquet":
+        texts = _read_parquet(path, column)
+    else:
+        texts = [_read_text_file(path)]
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ConversionError(f"text data {spec} holds no text")

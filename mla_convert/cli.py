@@ -323,10 +323,15 @@ def _show_plan(plan, progress, task, quiet: bool) -> None:  # type: ignore[no-un
 
 
 def _show_engines(found, progress, quiet: bool) -> None:  # type: ignore[no-untyped-def]
-    if not quiet:
-        from .report import engines_table
-
-        progress.console.print(engines_table([v.as_dict() for v in found]))
+    """One line per engine, before any heavy work: does the planned checkpoint serve there, and why not."""
+    if quiet:
+        return
+    colours = {"serves": "green", "untested": "yellow"}
+    for v in found:
+        colour = colours.get(v.status, "red")
+        progress.console.print(
+            f"engine {v.engine}: [{colour}]{v.status}[/{colour}] — {escape(v.detail)}", soft_wrap=True, highlight=False
+        )
 
 
 def _latent(plan) -> str:  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import finetune, resources, validate
-from .calibrate import TextSets, text_sets
+from .calibrate import TextSets, check_text_spec, text_sets
 from .card import model_card
 from .convert import LayerStats, convert, key_energies
 from .engines.export import gguf_beside
@@ -141,12 +141,12 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
     hooks.on_stage("reading the source")
     source = resolve(model_in, options.allow_pickle)
     plan = plan_for(source, options)  # validates every flag before any heavy work
-    hooks.on_engines(engine_verdicts(plan, options))
     wants_finetune = settings is not None and not structurally_lossless(plan)
     if wants_finetune:
         assert settings is not None
         check_settings(settings, getattr(source.config, "max_position_embeddings", None))
     _check_memory(source, options, plan, wants_finetune)
+    hooks.on_engines(engine_verdicts(plan, options))
     report = finetune.main_process_first(
         lambda: _convert_stage(source, model_out, options, plan, settings, hooks, started), enabled=wants_finetune
     )
@@ -199,6 +199,9 @@ def _check_options(options: Options) -> TrainSettings | None:
         raise ConversionError(f"--save-every must be positive (0: only at the end), got {options.save_every}")
     if options.train_tokens <= 0:
         raise ConversionError(f"--train-tokens must be positive, got {options.train_tokens}")
+    for spec in (options.calib_data, options.eval_data, options.train_data):
+        if spec is not None:
+            check_text_spec(spec)
     if options.finetune_steps == 0:
         if options.resume:
             raise ConversionError("--resume continues a fine-tune, but --finetune-steps is 0")

@@ -80,7 +80,7 @@ class Untouched:
 def one_line(result: object, *fragments: str, code: int = 2, prefix: str = "error: ", after_plan: bool = False) -> str:
     """Assert a clean refusal: exit code, nothing on stdout, exactly one stderr line holding every fragment.
 
-    after_plan: the run got as far as printing its one-line plan before failing.
+    after_plan: the run got as far as printing its plan (the engine lines, then the plan line) before failing.
     """
     output = result.output  # type: ignore[attr-defined]
     assert result.exit_code == code, output  # type: ignore[attr-defined]
@@ -88,10 +88,11 @@ def one_line(result: object, *fragments: str, code: int = 2, prefix: str = "erro
     assert exc is None or isinstance(exc, SystemExit), f"uncaught {exc!r}"
     assert "Traceback" not in output
     assert result.stdout == ""  # type: ignore[attr-defined]
-    lines = result.stderr.splitlines()  # type: ignore[attr-defined]
+    # the per-engine lines come once the flags have passed the plan's checks: information, not errors
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("engine ")]  # type: ignore[attr-defined]
     if after_plan:
-        assert len(lines) >= 1 and lines[0].startswith("plan: "), lines
-        lines = lines[1:]
+        assert any(line.startswith("plan: ") for line in lines), lines
+        lines = [line for line in lines if not line.startswith("plan: ")]
     assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
     line = lines[0]
     assert line.startswith(prefix), line

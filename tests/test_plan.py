@@ -63,3 +63,77 @@ def test_auto_dtype_keeps_bfloat16_and_maps_float16_to_bfloat16():
 def test_invalid_requests_are_refused(kwargs, fragment):
     with pytest.raises(ConversionError, match=fragment):
         make_plan(LlamaConfig(**SMOLLM2), **kwargs)
+
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    vocab_size=128256,
+)
+
+
+def test_engine_vllm_pads_smollm2_to_the_vllm_layout():
+    plan = make_plan(LlamaConfig(**SMOLLM2), engine="vllm")
+    assert (plan.latent_width, plan.rope_dim, plan.kv_rank) == (512, 64, 320)  # every real component, zeros after
+    assert plan.kv_elements == 576 and not plan.compressed
+    assert any("1.50x this model's 384" in w for w in plan.warnings)  # more cache than the source: said
+    compressed = make_plan(LlamaConfig(**SMOLLM2), engine="vllm", kv_rank=128)
+    assert (compressed.latent_width, compressed.kv_rank) == (512, 128) and compressed.compressed
+
+
+def test_engine_vllm_compresses_a_large_model_to_512_real_components():
+    plan = make_plan(LlamaConfig(**LLAMA3_8B), engine="vllm", kv_budget=0.3)
+    assert (plan.latent_width, plan.kv_rank, plan.rope_dim) == (512, 512, 64)
+    assert plan.full_kv_rank == 2 * (32 * 7 + 32 * 8) + 8 * 128 and plan.compressed  # half the frequencies unrotated
+    assert plan.kv_elements / 2048 == pytest.approx(0.28125) and not plan.warnings
+
+
+def test_engine_vllm_pads_a_narrow_rotary_key_without_losing_frequencies():
+    config = LlamaConfig(**{**SMOLLM2, "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 1})
+    plan = make_plan(config, engine="vllm")
+    assert plan.rope_dim == 64 and plan.slots[:8] == [(j, 0) for j in range(8)] and plan.slots[8:] == [None] * 24
+    assert not any("match no source frequency" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "fragment"),
+    [
+        (SMOLLM2, {"kv_budget": 0.5}, "--engine vllm holds 576 cache elements per token per layer"),
+        (LLAMA3_8B, {"kv_budget": 0.25}, "allows 512 of this model's 2048"),
+        (SMOLLM2, {"rope_dim": 32}, "fixes the rotary key at 64"),
+        (SMOLLM2, {"kv_rank": 600}, "does not fit the 512-wide latent"),
+        (SMOLLM2, {"kv_rank": 321}, "between 1 and 320"),
+        (SMOLLM2, {"target": "transformers"}, "needs --target portable"),
+    ],
+)
+def test_engine_requests_vllm_cannot_serve_are_refused(config, kwargs, fragment):
+    with pytest.raises(ConversionError, match=fragment):
+        make_plan(LlamaConfig(**config), engine="vllm", **kwargs)
+
+
+def test_engine_verdicts_follow_the_widths_and_profile():
+    from mla_convert.engines.support import REFUSES, SERVES, UNTESTED, WRONG, verdicts
+
+    def status(*args: object) -> dict[str, str]:
+        return {v.engine: v.status for v in verdicts(*args)}  # type: ignore[arg-type]
+
+    assert status("portable", 512, 64, "f32") == {
+        "transformers": SERVES,
+        "vLLM": SERVES,
+        "SGLang": UNTESTED,
+        "llama.cpp": SERVES,
+    }
+    assert status("portable", 320, 64)["vLLM"] == REFUSES and status("portable", 320, 64)["llama.cpp"] == REFUSES
+    assert status("portable", 256, 64)["vLLM"] == UNTESTED  # width 320: vLLM's Triton MLA only
+    assert status("transformers", 192, 192) == {
+        "transformers": SERVES,
+        "vLLM": WRONG,
+        "SGLang": WRONG,
+        "llama.cpp": REFUSES,
+    }

@@ -2,7 +2,8 @@
 
 Standalone on purpose: it runs with the Python of vLLM's own virtual environment, where mla_convert is
 not installed. Input (argv[1], a JSON file): {"runs": [{"model": dir, "prompts": [[token ids]],
-"max_tokens": n, "dtype": "float32", "max_model_len": n}], "kv_cache_gib": n}; the models load one after
+"max_tokens": n, "dtype": "float32", "max_model_len": n, "throughput": [{"batch", "context", "new_tokens"}]
+(optional: time decoding instead of comparing)}], "kv_cache_gib": n}; the models load one after
 the other in this one process (vLLM's import and start-up cost most of the time). Output:
 {"engine": "vllm", "version", "runs": [{"prompt_logprobs": [[logprob of token t given tokens < t, for
 t >= 1]], "greedy": [[ids]], "greedy_logprobs": [[...]], "attention_backend", "kv_cache_tokens"} or
@@ -15,6 +16,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 
 def main() -> None:
@@ -47,8 +49,16 @@ def _run(run: dict) -> dict:
         max_model_len=run.get("max_model_len", 512),
         skip_tokenizer_init=True,
         seed=0,
+        # timings must see every prompt prefilled, not served from the prefix cache of the previous call
+        enable_prefix_caching=not run.get("throughput"),
     )
     try:
+        if run.get("throughput"):
+            return {
+                "kv_cache_tokens": _cache_tokens(llm),
+                "attention_backend": _backend_name(llm),
+                "throughput": [_throughput(llm, **case) for case in run["throughput"]],
+            }
         params = SamplingParams(
             temperature=0.0, max_tokens=run["max_tokens"], prompt_logprobs=0, logprobs=0, detokenize=False
         )
@@ -70,6 +80,33 @@ def _run(run: dict) -> dict:
         return result
     finally:
         del llm
+
+
+def _throughput(llm: object, batch: int, context: int, new_tokens: int, vocab: int = 1000) -> dict:
+    """Decode speed with `batch` sequences of `context` tokens: (time for new_tokens) - (time for 1), per token."""
+    import random
+
+    from vllm import SamplingParams
+
+    def timed(count: int, seed: int) -> float:
+        rng = random.Random(seed)  # fresh prompts each call
+        prompts = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(context)]} for _ in range(batch)]
+        params = SamplingParams(temperature=0.0, max_tokens=count, ignore_eos=True, detokenize=False)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)  # type: ignore[attr-defined]
+        return time.perf_counter() - start
+
+    prefill = timed(1, seed=1)
+    full = timed(new_tokens, seed=2)
+    decode = max(full - prefill, 1e-9)
+    return {
+        "batch": batch,
+        "context": context,
+        "new_tokens": new_tokens,
+        "prefill_seconds": prefill,
+        "total_seconds": full,
+        "decode_tokens_per_second": batch * (new_tokens - 1) / decode,
+    }
 
 
 def _backend_name(llm: object) -> str | None:
