@@ -22,7 +22,7 @@ from . import finetune, resources, validate
 from .calibrate import TextSets, check_text_spec, text_sets
 from .card import model_card
 from .convert import LayerStats, convert, key_energies
-from .engines.export import gguf_beside
+from .engines.export import check_gguf_request, gguf_beside
 from .engines.support import REFUSES, Verdict, verdicts
 from .errors import ConversionError
 from .plan import Plan, geometry_of, make_plan, resolve_dtype
@@ -146,6 +146,8 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
         assert settings is not None
         check_settings(settings, getattr(source.config, "max_position_embeddings", None))
     _check_memory(source, options, plan, wants_finetune)
+    if options.gguf:
+        check_gguf_request(plan.target, source.root, plan.geometry.vocab, source.gguf_path)
     hooks.on_engines(engine_verdicts(plan, options))
     report = finetune.main_process_first(
         lambda: _convert_stage(source, model_out, options, plan, settings, hooks, started), enabled=wants_finetune

@@ -1,0 +1,177 @@
+"""Run GGUF files in llama.cpp (through llama-cpp-python) and print what it computes, as one JSON line.
+
+Standalone on purpose: it runs with the Python of llama-cpp-python's own virtual environment, where
+mla_convert is not installed. Input (argv[1], a JSON file): {"runs": [{"model": path to .gguf, "prompts":
+[[token ids]], "max_tokens": n, "n_ctx": n, "type_k": "f16" (llama.cpp's default) or "f32", "tokenize":
+[texts]}], "n_threads": n}; the files load one after the other in this one process. Output: {"engine":
+"llama.cpp", "version", "runs": [{"prompt_logprobs": [[logprob of token t given tokens < t, for t >= 1]],
+"greedy": [[ids]], "greedy_logprobs": [[...]], "kv_cache_bytes_per_token", "kv_cache_log", "n_vocab",
+"model_desc", "tokens": [[ids of each text in "tokenize"]]} or {"error": "ExceptionType: first line"}
+for a file llama.cpp refused]}.
+
+Logits are llama.cpp's raw output for every position (logits_all); log-softmax and the greedy argmax are
+taken here in float64, without llama.cpp's sampler chain, so nothing but the model itself is compared.
+Texts are tokenized as transformers does by default: special tokens written in the text are parsed, and
+BOS/EOS are added only where the GGUF's add_bos_token/add_eos_token say so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import re
+import sys
+from typing import Any
+
+LOG: list[str] = []
+
+
+def main() -> None:
+    with open(sys.argv[1]) as fh:
+        spec = json.load(fh)
+    # ggml's CPU threads meet at an OpenMP barrier after every op; spinning there while another process
+    # holds the second core made 2 threads 90x slower than 1 (measured: 637 s against 7 s). Waiting
+    # threads sleep instead (set before libgomp loads with llama_cpp).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import llama_cpp
+
+    _capture_log(llama_cpp)
+    runs = []
+    for run in spec["runs"]:
+        try:
+            runs.append(_run(llama_cpp, run, int(spec.get("n_threads", 2))))
+        except Exception as exc:  # a refusal is a result too: the caller checks it
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            runs.append({"error": f"{type(exc).__name__}: {first}"})
+        gc.collect()
+    result = {"engine": "llama.cpp", "version": llama_cpp.__version__, "runs": runs}
+    print("MLA_PROBE_RESULT " + json.dumps(result), flush=True)
+
+
+def _run(llama_cpp: Any, run: dict[str, Any], threads: int) -> dict[str, Any]:
+    LOG.clear()
+    llm = _load(llama_cpp, run, threads)
+    try:
+        result: dict[str, Any] = {
+            "prompt_logprobs": [],
+            "greedy": [],
+            "greedy_logprobs": [],
+            "n_vocab": llm.n_vocab(),
+            "model_desc": _model_desc(llama_cpp, llm),
+        }
+        for ids in run.get("prompts", []):
+            logprobs, greedy, greedy_logprobs = _run_prompt(llm, ids, int(run.get("max_tokens", 0)))
+            result["prompt_logprobs"].append(logprobs)
+            result["greedy"].append(greedy)
+            result["greedy_logprobs"].append(greedy_logprobs)
+        texts = [text.encode("utf-8") for text in run.get("tokenize", [])]
+        result["tokens"] = [llm.tokenize(text, add_bos=True, special=True) for text in texts]
+        result.update(_kv_cache(dict(llm.metadata)))
+        return result
+    finally:
+        llm.close()
+
+
+def _capture_log(llama_cpp: Any) -> None:
+    """Keep llama.cpp's log (the KV cache size is only reported there) and pass it on to stderr."""
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
+        LOG.append(line)
+        sys.stderr.write(line)
+
+    _capture_log.callback = callback  # type: ignore[attr-defined]  # keep it alive for the process
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _load(llama_cpp: Any, run: dict[str, Any], threads: int) -> Any:
+    """The model with logits for every position; KV cache f16 unless asked (llama.cpp's default)."""
+    types = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}
+    kv_type = types[run.get("type_k", "f16")]
+    n_ctx = int(run.get("n_ctx", 512))
+    return llama_cpp.Llama(
+        model_path=run["model"],
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        type_k=kv_type,
+        type_v=kv_type,
+        seed=0,
+        verbose=True,
+    )
+
+
+def _run_prompt(llm: Any, ids: list[int], max_tokens: int) -> tuple[list[float], list[int], list[float]]:
+    """Prompt log-probs, then max_tokens greedy steps, from a cleared cache."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    logp = _log_softmax(np.asarray(llm.scores[: len(ids)], dtype=np.float64))
+    prompt = [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+    greedy, greedy_logprobs = [], []
+    last = logp[-1]
+    for _ in range(max_tokens):
+        token = int(np.argmax(last))
+        greedy.append(token)
+        greedy_logprobs.append(float(last[token]))
+        llm.eval([token])
+        last = _log_softmax(np.asarray(llm.scores[llm.n_tokens - 1 : llm.n_tokens], dtype=np.float64))[0]
+    return prompt, greedy, greedy_logprobs
+
+
+def _log_softmax(x: Any) -> Any:
+    import numpy as np
+
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _model_desc(llama_cpp: Any, llm: Any) -> str:
+    buf = ctypes.create_string_buffer(256)
+    llama_cpp.llama_model_desc(llm.model, buf, ctypes.sizeof(buf))
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _kv_cache(metadata: dict[str, str]) -> dict[str, Any]:
+    """Bytes of KV cache per token, from llama.cpp's own report of the cache it allocated.
+
+    The report rounds to 0.01 MiB; the exact figure the metadata implies (layers x cached widths x
+    element size) is returned when it agrees with the report within that rounding.
+    """
+    text = "".join(LOG)
+    line = re.search(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*", text)
+    if not line:
+        return {"kv_cache_bytes_per_token": None, "kv_cache_log": None}
+    cells = int(line.group(2))
+    parts = re.findall(r"([KV]) \((\w+)\): +([\d.]+) MiB", line.group(0))
+    logged = sum(float(mib) for _, _, mib in parts) * 2**20 / cells
+    exact = _exact_bytes(metadata, parts)
+    close = exact is not None and abs(exact - logged) <= 0.005 * 2**20 / cells * len(parts)
+    return {"kv_cache_bytes_per_token": exact if close else logged, "kv_cache_log": line.group(0).strip()}
+
+
+def _exact_bytes(metadata: dict[str, str], parts: list[tuple[str, str, str]]) -> float | None:
+    """layers x (K width + V width) x element size, for the K/V parts the report says are allocated."""
+    sizes = {"f32": 4, "f16": 2, "bf16": 2}
+    arch = metadata.get("general.architecture", "")
+    try:
+        layers = int(metadata[f"{arch}.block_count"])
+        heads_kv = int(metadata.get(f"{arch}.attention.head_count_kv", metadata[f"{arch}.attention.head_count"]))
+        widths = {
+            "K": int(metadata[f"{arch}.attention.key_length"]),
+            "V": int(metadata[f"{arch}.attention.value_length"]),
+        }
+        return float(sum(layers * heads_kv * widths[kind] * sizes[t] for kind, t, mib in parts if float(mib) > 0))
+    except (KeyError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    main()
