@@ -193,7 +193,8 @@ def serving_section(r: dict[str, Any], name: str) -> str:
         lines += [
             "",
             f"llama.cpp: `{gguf['file']}` ({gguf['type']}), e.g. `llama-cli -m {gguf['file']}`; "
-            "no `--override-kv` needed.",
+            "no `--override-kv` needed. Its default float16 KV cache rounds the cached latent as any float16 "
+            "cache does; `-ctk f32` computes what transformers computes (tested with a float32 GGUF).",
         ]
     lines += ["", QUANTIZATION_NOTE]
     return "\n".join(lines) + "\n"

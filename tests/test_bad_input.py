@@ -300,6 +300,9 @@ FLAG_CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("kv-budget-with-kv-rank", ("--kv-budget", "0.5", "--kv-rank", "8"), ("either the budget or ranks",)),
     ("kv-budget-with-rope-dim", ("--kv-budget", "0.5", "--rope-dim", "8"), ("either the budget or ranks",)),
     ("dtype-float16", ("--dtype", "float16"), ("--dtype float16", "use --dtype bfloat16")),
+    ("engine-vllm-budget", ("--engine", "vllm", "--kv-budget", "0.5"), ("--engine vllm holds 576", "allows 32")),
+    ("engine-vllm-rope-dim", ("--engine", "vllm", "--rope-dim", "8"), ("fixes the rotary key at 64",)),
+    ("engine-vllm-transformers", ("--engine", "vllm", "--target", "transformers"), ("needs --target portable",)),
     ("max-shard-size-garbage", ("--max-shard-size", "garbage"), ("--max-shard-size", "cannot read size 'garbage'")),
     ("max-shard-size-zero", ("--max-shard-size", "0GB"), ("--max-shard-size", "must be positive")),
 ]

@@ -219,3 +219,26 @@ def agreement(result: dict[str, Any], reference: dict[str, Any]) -> Agreement:
         greedy_equal=equal,
         greedy_total=total,
     )
+
+
+def compare(
+    spec: EngineSpec, cases: dict[str, dict[str, Any]], max_tokens: int, **options: Any
+) -> dict[str, Agreement | str]:
+    """Run every case in the engine (one process) and compare it with transformers on the same ids.
+
+    A case is {"model": what the engine loads, "reference": the checkpoint folder transformers loads,
+    "prompts": [[ids]], plus any probe settings}; the result is its Agreement, or the engine's error.
+    """
+    runs = [{k: v for k, v in case.items() if k != "reference"} | {"max_tokens": max_tokens} for case in cases.values()]
+    results = run_probe(spec, runs, **options)
+    references: dict[tuple[str, str], dict[str, Any]] = {}
+    out: dict[str, Agreement | str] = {}
+    for (name, case), result in zip(cases.items(), results, strict=True):
+        if "error" in result:
+            out[name] = result["error"]
+            continue
+        key = (str(case["reference"]), json.dumps(case["prompts"]))
+        if key not in references:
+            references[key] = transformers_reference(Path(case["reference"]), case["prompts"], max_tokens)
+        out[name] = agreement(result, references[key])
+    return out

@@ -3,7 +3,8 @@
 Standalone on purpose: it runs with the Python of llama-cpp-python's own virtual environment, where
 mla_convert is not installed. Input (argv[1], a JSON file): {"runs": [{"model": path to .gguf, "prompts":
 [[token ids]], "max_tokens": n, "n_ctx": n, "type_k": "f16" (llama.cpp's default) or "f32", "tokenize":
-[texts]}], "n_threads": n}; the files load one after the other in this one process. Output: {"engine":
+[texts], "throughput": [{"context", "new_tokens"}] (optional: time decoding instead)}], "n_threads": n};
+the files load one after the other in this one process. Output: {"engine":
 "llama.cpp", "version", "runs": [{"prompt_logprobs": [[logprob of token t given tokens < t, for t >= 1]],
 "greedy": [[ids]], "greedy_logprobs": [[...]], "kv_cache_bytes_per_token", "kv_cache_log", "n_vocab",
 "model_desc", "tokens": [[ids of each text in "tokenize"]]} or {"error": "ExceptionType: first line"}
@@ -69,6 +70,8 @@ def _run(llama_cpp: Any, run: dict[str, Any], threads: int) -> dict[str, Any]:
         texts = [text.encode("utf-8") for text in run.get("tokenize", [])]
         result["tokens"] = [llm.tokenize(text, add_bos=True, special=True) for text in texts]
         result.update(_kv_cache(dict(llm.metadata)))
+        if run.get("throughput"):
+            result["throughput"] = [_throughput(llm, **case) for case in run["throughput"]]
         return result
     finally:
         llm.close()
@@ -92,14 +95,15 @@ def _load(llama_cpp: Any, run: dict[str, Any], threads: int) -> Any:
     types = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}
     kv_type = types[run.get("type_k", "f16")]
     n_ctx = int(run.get("n_ctx", 512))
+    timing = bool(run.get("throughput"))  # long prompts: llama.cpp's default batches, last logits only
     return llama_cpp.Llama(
         model_path=run["model"],
         n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_ubatch=n_ctx,
+        n_batch=min(n_ctx, 2048) if timing else n_ctx,
+        n_ubatch=512 if timing else n_ctx,
         n_threads=threads,
         n_threads_batch=threads,
-        logits_all=True,
+        logits_all=not timing,
         type_k=kv_type,
         type_v=kv_type,
         seed=0,
@@ -124,6 +128,30 @@ def _run_prompt(llm: Any, ids: list[int], max_tokens: int) -> tuple[list[float],
         llm.eval([token])
         last = _log_softmax(np.asarray(llm.scores[llm.n_tokens - 1 : llm.n_tokens], dtype=np.float64))[0]
     return prompt, greedy, greedy_logprobs
+
+
+def _throughput(llm: Any, context: int, new_tokens: int, vocab: int = 1000) -> dict[str, Any]:
+    """Single-sequence decode speed after a `context`-token prompt (prefill timed apart)."""
+    import random
+    import time
+
+    rng = random.Random(context)
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval([rng.randrange(vocab) for _ in range(context)])
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):  # which token is fed does not change the work (no logits are kept here)
+        llm.eval([rng.randrange(vocab)])
+    decode = time.perf_counter() - start
+    return {
+        "batch": 1,
+        "context": context,
+        "new_tokens": new_tokens,
+        "prefill_seconds": prefill,
+        "decode_seconds": decode,
+        "decode_tokens_per_second": new_tokens / decode,
+    }
 
 
 def _log_softmax(x: Any) -> Any:
