@@ -42,6 +42,7 @@ def converted(name: str, flags: list[str]) -> Path:
     target = CACHE / "bench" / "agreement" / f"smollm2-{slug}"
     if (target / "mla_report.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "mla_convert.cli", str(smollm2_dir()), str(target), "--method", "svd"]
     base += ["--finetune-steps", "0", "--no-validate", "--force", *flags]
     subprocess.run([*base, "--gguf", "f32"], check=True)

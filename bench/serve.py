@@ -195,9 +195,14 @@ def table(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {engine} | {name} | {results['elements'][name]} | {run.get('kv_cache_tokens') or ''} | "
                     f"{run.get('kv_cache_bytes_per_token') or ''} | {case['context']} x {case.get('batch', 1)} | "
-                    f"{case['prefill_seconds']:.1f} | {case['decode_tokens_per_second']:.1f} |"
+                    f"{case['prefill_seconds']:.1f} | {_speed(case['decode_tokens_per_second'])} |"
                 )
     return "\n".join(lines)
+
+
+def _speed(rate: float | None) -> str:
+    """None: the backend re-prefilled instead of reusing the cached prompt, so decoding was not separable."""
+    return "not separable" if rate is None else f"{rate:.1f}"
 
 
 def main() -> None:
