@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
-from .convert import layer_tensors
+from .conversion import layer_tensors
 from .errors import ConversionError
 from .mla.activation import psd_root
 from .plan import Plan

@@ -23,8 +23,9 @@ from .card import model_card
 from .engines.export import gguf_beside
 from .errors import ConversionError
 from .natural_scale import fold
+from .options import TrainSettings, max_shard_bytes
 from .source import Source
-from .train import TrainSettings, is_main_process, train
+from .train import is_main_process, train
 from .verify import load_converted, verify
 from .writer import ShardWriter, atomic_output, copy_file, write_json, write_text
 
@@ -94,9 +95,8 @@ def heal(
     """Fine-tune the converted model in MODEL_OUT, validate it and write the result in its place."""
     report = _pending_report(model_out, resume)
     train_text, evaluation = _load_data(model_out)
-    hooks.on_stage("fine-tuning")
+    hooks.on_stage("fine-tuning", settings.steps)
     student = load_converted(model_out)
-    hooks.on_train_start(settings.steps)
     teacher = source.model() if settings.distill_weight > 0 else None
     result = train(
         student,
@@ -136,7 +136,7 @@ def heal(
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[report["settings"]["dtype"]]
     with atomic_output(model_out, force=True) as tmp:
         hooks.on_stage("writing the fine-tuned checkpoint")
-        with ShardWriter(tmp, dtype, options.max_shard_bytes) as writer:
+        with ShardWriter(tmp, dtype, max_shard_bytes(options.max_shard_size)) as writer:
             for name, tensor in student.state_dict().items():
                 writer.add(name, tensor)
             writer.finish()

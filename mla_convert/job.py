@@ -11,80 +11,35 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import finetune, resources, validate
-from .calibrate import TextSets, check_text_spec, text_sets
+from .calibrate import TextSets, check_lengths, text_sets
 from .card import model_card
-from .convert import LayerStats, convert, key_energies
+from .conversion import convert, key_energies
 from .engines.export import check_gguf_request, gguf_beside
 from .engines.support import REFUSES, Verdict, verdicts
 from .errors import ConversionError
+from .hooks import Hooks
+from .options import Options, TrainSettings, check_options, check_settings, finetune_defaults, max_shard_bytes
+from .paths import check_model_in, check_paths
 from .plan import Plan, geometry_of, make_plan, resolve_dtype
-from .report import Report
+from .preview import describe, finetune_line
+from .report import Report, source_facts
 from .source import Source, resolve
 from .target_config import deepseek_config
-from .train import StepInfo, TrainSettings, check_settings
 from .verify import load_converted, verify
 from .writer import (
-    DEFAULT_SHARD_BYTES,
     ShardWriter,
     atomic_output,
-    check_output_path,
     copy_file,
     write_json,
     write_text,
 )
-
-METHODS = ("activation", "svd")
-
-
-@dataclass
-class Options:
-    target: str = "portable"
-    kv_rank: int | None = None
-    rope_dim: int | None = None
-    kv_budget: float | None = None
-    dtype: str = "auto"
-    force: bool = False
-    seed: int = 0
-    verify: bool = True
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES
-    device: str = "cpu"
-    method: str = "activation"
-    calib_data: str | None = None
-    calib_tokens: int = 8192
-    calib_seq_len: int = 256
-    eval_data: str | None = None
-    eval_tokens: int = 8192
-    text_column: str = "text"
-    finetune_steps: int = 100
-    train: TrainSettings = field(default_factory=TrainSettings)  # its `steps` follows finetune_steps
-    train_data: str | None = None
-    train_tokens: int = 65536
-    save_every: int = 25
-    resume: bool = False
-    validate: bool = True
-    allow_pickle: bool = False
-    engine: str | None = None  # "vllm": widths that engine's kernels run
-    gguf: str | None = None  # also write MODEL_OUT/<name>-<type>.gguf for llama.cpp: f32, bf16 or q8_0
-
-
-@dataclass
-class Hooks:
-    """Progress callbacks so the job stays free of printing."""
-
-    on_plan: Callable[[Plan], None] = lambda plan: None
-    on_engines: Callable[[list[Verdict]], None] = lambda verdicts: None
-    on_layer: Callable[[LayerStats], None] = lambda stats: None
-    on_stage: Callable[[str], None] = lambda text: None
-    on_train_start: Callable[[int], None] = lambda total: None
-    on_step: Callable[[StepInfo], None] = lambda info: None
 
 
 def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] | None = None, stride: int = 1) -> Plan:
@@ -130,25 +85,23 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
     """Convert (and fine-tune, and validate); return the report as written to mla_report.json."""
     started = time.monotonic()
     hooks = hooks or Hooks()
-    settings = _check_options(options)
+    options, settings = _check_options(options)
     if options.resume:
         assert settings is not None
         source = resolve(model_in, options.allow_pickle)
         return finetune.heal(source, model_out, settings, options, hooks, resume=True, started=started)
     torch.manual_seed(options.seed)
-    local_in = Path(model_in).expanduser()
-    check_output_path(local_in if local_in.exists() else None, model_out, options.force)
+    check_paths(model_in, model_out, options.force)
     hooks.on_stage("reading the source")
-    source = resolve(model_in, options.allow_pickle)
-    plan = plan_for(source, options)  # validates every flag before any heavy work
-    wants_finetune = settings is not None and not structurally_lossless(plan)
-    if wants_finetune:
-        assert settings is not None
-        check_settings(settings, getattr(source.config, "max_position_embeddings", None))
+    if check_model_in(model_in) is None:  # a hub id: judge the flags on its config before fetching weights
+        _prepare(model_in, options, settings, weights=False)
+    source, plan, wants_finetune = _prepare(model_in, options, settings)
     _check_memory(source, options, plan, wants_finetune)
-    if options.gguf:
-        check_gguf_request(plan.target, source.root, plan.geometry.vocab, source.gguf_path)
-    hooks.on_engines(engine_verdicts(plan, options))
+    found = engine_verdicts(plan, options)
+    hooks.on_engines(found)
+    preview = describe(plan, found, source.parameter_count(), options, settings, wants_finetune)
+    if preview["finetune"] is not None:
+        hooks.on_note("estimate: " + finetune_line(preview["finetune"], options.device))
     report = finetune.main_process_first(
         lambda: _convert_stage(source, model_out, options, plan, settings, hooks, started), enabled=wants_finetune
     )
@@ -157,6 +110,33 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
         return report
     assert settings is not None
     return finetune.heal(source, model_out, settings, options, hooks, resume=False, started=started)
+
+
+def preview(model_in: str, options: Options, model_out: Path | None = None) -> dict[str, Any]:
+    """What `run` would do, from the config and the tensor headers alone (no weight is read)."""
+    options, settings = _check_options(options)
+    if model_out is not None:
+        check_paths(model_in, model_out, options.force)
+    source, plan, wants_finetune = _prepare(model_in, options, settings, weights=False)
+    found = engine_verdicts(plan, options)
+    return describe(plan, found, source.parameter_count(), options, settings, wants_finetune)
+
+
+def _prepare(
+    model_in: str, options: Options, settings: TrainSettings | None, weights: bool = True
+) -> tuple[Source, Plan, bool]:
+    """The source (config and headers only), the data-free plan and whether a fine-tune follows; every check
+    that needs the config runs here, before any weight is read (weights=False: not even downloaded)."""
+    source = resolve(model_in, options.allow_pickle, weights=weights)
+    plan = plan_for(source, options)
+    wants_finetune = settings is not None and not structurally_lossless(plan)
+    if wants_finetune:
+        assert settings is not None
+        check_settings(settings, getattr(source.config, "max_position_embeddings", None))
+    check_lengths(options.calib_seq_len, getattr(source.config, "max_position_embeddings", None))
+    if options.gguf:
+        check_gguf_request(plan.target, source.root, plan.geometry.vocab, source.gguf_path)
+    return source, plan, wants_finetune
 
 
 def whole_models_fit(source: Source) -> bool:
@@ -189,25 +169,15 @@ def _check_memory(source: Source, options: Options, plan: Plan, wants_finetune: 
     )
 
 
-def _check_options(options: Options) -> TrainSettings | None:
-    """The fine-tune settings (None when it is skipped), after the checks that need no model."""
-    if options.method not in METHODS:
-        raise ConversionError(f"--method must be one of {', '.join(METHODS)}, got '{options.method}'")
-    if options.finetune_steps < 0:
-        raise ConversionError(
-            f"--finetune-steps must be positive, or 0 to skip the fine-tune; got {options.finetune_steps}"
-        )
-    if options.save_every < 0:
-        raise ConversionError(f"--save-every must be positive (0: only at the end), got {options.save_every}")
-    if options.train_tokens <= 0:
-        raise ConversionError(f"--train-tokens must be positive, got {options.train_tokens}")
-    for spec in (options.calib_data, options.eval_data, options.train_data):
-        if spec is not None:
-            check_text_spec(spec)
+def _check_options(options: Options) -> tuple[Options, TrainSettings | None]:
+    """The options with the device and its fine-tune defaults resolved, and the fine-tune settings (None
+    when it is skipped), after every check that needs no model."""
+    check_options(options)
+    device = resolve_device(options.device)
+    options = finetune_defaults(replace(options, device=device), device)
     if options.finetune_steps == 0:
-        if options.resume:
-            raise ConversionError("--resume continues a fine-tune, but --finetune-steps is 0")
-        return None
+        return options, None
+    assert options.finetune_steps is not None
     warmup = options.train.warmup_steps
     settings = replace(
         options.train,
@@ -216,7 +186,16 @@ def _check_options(options: Options) -> TrainSettings | None:
         warmup_steps=max(1, options.finetune_steps // 10) if warmup is None else warmup,
     )
     check_settings(settings, None)
-    return settings
+    return options, settings
+
+
+def resolve_device(device: str) -> str:
+    """cpu, cuda, or for auto whichever is there."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConversionError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
 
 
 def _convert_stage(
@@ -249,8 +228,9 @@ def _convert_stage(
             sample_eval=(options.validate and whole_fit) or training,
             need_calib=calibrated,
             train_data=options.train_data,
-            train_tokens=options.train_tokens if training else 0,
+            train_tokens=_train_tokens(options, settings) if training else 0,
             train_seq_len=settings.seq_len if settings is not None else 0,
+            hooks=hooks,
         )
     if calibrated:
         assert texts is not None and texts.calib is not None
@@ -262,8 +242,8 @@ def _convert_stage(
             from .sequential import SequentialCalibrator  # imports transformers' DeepSeek modeling: seconds
 
             calibrator = SequentialCalibrator(source, plan, texts.calib.ids, options.device)
-        hooks.on_stage("converting layers")
-        with ShardWriter(tmp, plan.dtype, options.max_shard_bytes) as writer:
+        hooks.on_stage("converting layers", plan.geometry.layers)
+        with ShardWriter(tmp, plan.dtype, max_shard_bytes(options.max_shard_size)) as writer:
             stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device, calibrator=calibrator)
             hooks.on_stage("writing the checkpoint")
             writer.finish()
@@ -272,6 +252,7 @@ def _convert_stage(
         found = engine_verdicts(plan, options)
         report = Report(
             source_label=source.label,
+            source_facts=source_facts(source),
             plan=plan,
             layers=stats,
             warnings=list(plan.warnings) + engine_warnings(found),
@@ -315,6 +296,16 @@ def _convert_stage(
     return data
 
 
+def _train_tokens(options: Options, settings: TrainSettings | None) -> int:
+    """Text the fine-tune reads: --train-tokens of a file; of sampled text (slow to make) only what the
+    steps consume, each window once."""
+    if settings is None or settings.batch_size is None:
+        return 0
+    if options.train_data or options.calib_data:
+        return options.train_tokens
+    return min(options.train_tokens, settings.steps * settings.batch_size * settings.seq_len)
+
+
 def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks) -> Plan:
     """Redo the plan with activation statistics: rotary components and, for a budget, the measured split."""
     from .choose import budget_candidates, pick, score_candidates, stride_candidates
@@ -346,8 +337,10 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
         prefix = f"budget {options.kv_budget} of {geo.kv_elements} = {total} elements"
     if len(candidates) == 1:
         return candidates[0]
-    hooks.on_stage(why)
-    best, reason = pick(score_candidates(source, candidates, ids, device=options.device))
+    layers = plan.geometry.layers
+    hooks.on_stage(f"{why}, layer by layer", layers)
+    on_layer = lambda i: hooks.on_progress(i + 1, layers)  # noqa: E731
+    best, reason = pick(score_candidates(source, candidates, ids, on_layer, device=options.device))
     best.split_reason = f"{prefix}; {reason}"
     return best
 

@@ -19,9 +19,11 @@ from .families import Family, family_for, has_qkv_bias
 from .mla.exact import Slot
 from .mla.latent_norm import LATENT_NORM_EPS
 from .mla.rotary import ladder, match_ladder, portable_theta, source_inv_freq
+from .options import FLOAT16_REFUSED, TARGETS, check_engine, check_ranks
 
-TARGETS = ("portable", "transformers")
-ENGINES = ("vllm",)  # --engine: widths fixed by what the engine's kernels run
+# The smallest budget docs/results.md measured, and what it gave: below it a setting is unmeasured.
+MEASURED_FLOOR = 0.125
+MEASURED_FLOOR_RESULT = "SmolLM2-135M one-shot reached 31.8x the source perplexity"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -133,6 +135,7 @@ def make_plan(
     """
     if target not in TARGETS:
         raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    check_ranks(kv_budget, kv_rank, rope_dim)
     geo = geometry_of(config)
     if engine is not None:
         return _engine_plan(config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride)
@@ -142,13 +145,9 @@ def make_plan(
     max_rope = d if target == "portable" else kv * d
     warnings: list[str] = []
 
-    if kv_budget is not None and (kv_rank is not None or rope_dim is not None):
-        raise ConversionError("--kv-budget chooses --kv-rank and --rope-dim itself; pass either the budget or ranks")
     if rope_dim is not None:
         _check_rope_dim(rope_dim, max_rope if not rope_padding else max(max_rope, rope_dim), target)
     if kv_budget is not None:
-        if not 0 < kv_budget <= 1:
-            raise ConversionError(f"--kv-budget must be in (0, 1], got {kv_budget}")
         total = math.floor(kv_budget * geo.kv_elements)
         keeps_bias = geo.qkv_bias and target == "transformers"
         lossless_latent = min((2 * kv - 1) * d if target == "portable" else kv * d, geo.hidden + int(keeps_bias))
@@ -209,6 +208,12 @@ def make_plan(
             f"rope width), got {kv_rank}"
         )
 
+    fraction = (kv_rank + rope_dim) / geo.kv_elements
+    if kv_rank < full_kv_rank and fraction < MEASURED_FLOOR:
+        warnings.append(
+            f"a {kv_rank + rope_dim}-element cache is {fraction:.3f} of the source's, below the smallest budget the "
+            f"benchmarks measured ({MEASURED_FLOOR}: {MEASURED_FLOOR_RESULT}); expect a much worse model"
+        )
     keep_bias = geo.qkv_bias and target == "transformers"
     if geo.qkv_bias and target == "portable":
         warnings.append(
@@ -258,23 +263,10 @@ def _engine_plan(
 ) -> Plan:
     """Widths an engine's kernels run (vLLM: latent 512 + rotary 64), the latent holding as many real
     components as the source has (up to 512) or as kv_rank says, zeros beyond."""
-    if engine not in ENGINES:
-        raise ConversionError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    check_engine(engine, target, kv_rank, rope_dim)
     width = VLLM_LATENT + VLLM_ROPE
     layout = f"latent {VLLM_LATENT} + rotary {VLLM_ROPE}, the layout vLLM's MLA kernels run"
-    if target != "portable":
-        raise ConversionError(
-            "--engine vllm needs --target portable: vLLM replaces the transformers profile's rotary frequencies "
-            "and drops its biases; to resolve, drop --target transformers"
-        )
-    if rope_dim is not None and rope_dim != VLLM_ROPE:
-        raise ConversionError(
-            f"--engine vllm fixes the rotary key at {VLLM_ROPE} ({layout}), got --rope-dim {rope_dim}; "
-            "to resolve, drop --rope-dim"
-        )
     if kv_budget is not None:
-        if not 0 < kv_budget <= 1:
-            raise ConversionError(f"--kv-budget must be in (0, 1], got {kv_budget}")
         allowed = math.floor(kv_budget * geo.kv_elements)
         if allowed < width:
             raise ConversionError(
@@ -282,10 +274,6 @@ def _engine_plan(
                 f"{kv_budget} allows {allowed} of this model's {geo.kv_elements}; to resolve, drop --kv-budget "
                 f"(the vLLM cache is then {width / geo.kv_elements:.2f}x the source's) or drop --engine vllm"
             )
-    if kv_rank is not None and kv_rank > VLLM_LATENT:
-        raise ConversionError(
-            f"--kv-rank {kv_rank} does not fit the {VLLM_LATENT}-wide latent of --engine vllm ({layout})"
-        )
     fixed = {"target": target, "rope_dim": VLLM_ROPE, "dtype": dtype, "stride": stride, "rope_padding": True}
     if kv_rank is None:
         kv_rank = min(make_plan(config, **fixed).full_kv_rank, VLLM_LATENT)
@@ -306,8 +294,6 @@ def _engine_plan(
 
 
 def _check_rope_dim(rope_dim: int, max_rope: int, target: str) -> None:
-    if rope_dim < 2 or rope_dim % 2:
-        raise ConversionError(f"--rope-dim must be a positive even number, got {rope_dim}")
     if rope_dim > max_rope:
         raise ConversionError(
             f"--rope-dim {rope_dim} is larger than the lossless width {max_rope} for --target {target}"
@@ -344,8 +330,5 @@ def resolve_dtype(dtype: str, config: Any) -> torch.dtype:
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
     if dtype == "float16":
-        raise ConversionError(
-            "--dtype float16 cannot hold the tiny latent scale that keeps DeepSeek's latent norm linear; "
-            "to resolve, use --dtype bfloat16 (same size) or float32"
-        )
+        raise ConversionError(FLOAT16_REFUSED)
     return DTYPES[dtype]

@@ -1,7 +1,12 @@
 """One report object rendered three ways: a rich table, mla_report.json and the model card section.
 
 Schema of mla_report.json (version 1):
-  schema_version, tool {name, version}, source {path, architecture, layers, heads, kv_heads, head_dim},
+  schema_version, tool {name, version},
+  source {path (as given: a local path or a hub id), name (hub id, or the folder / file name: what the model card
+          shows), hub_id (the hub repo it was given as, or the `org/name` its config.json's `_name_or_path`
+          declares, else null), license (its README.md's `license:`, else config.json's, else null), and
+          license_name, license_link (only with `license: other`), architecture, layers, heads, kv_heads,
+          head_dim},
   settings {target, kv_lora_rank (as written, zero padding included), latent_rank (real latent components),
             qk_rope_head_dim, engine (--engine or null), rope_theta, rotary_stride, dtype, split_reason,
             lossless_kv_rank, rotary_slots [[frequency_index, component] | null]},
@@ -31,15 +36,21 @@ Schema of mla_report.json (version 1):
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from . import __version__
-from .convert import LayerStats
+from .conversion import LayerStats
 from .plan import Plan
+from .source import Source
 from .target_config import DTYPE_NAMES
+
+ORG_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*$")  # a hub id with its owner: "org/name"
 
 
 @dataclass
@@ -74,6 +85,7 @@ class Report:
     plots: list[str] = field(default_factory=list)
     engines: list[dict[str, str]] = field(default_factory=list)
     gguf: dict[str, Any] | None = None
+    source_facts: dict[str, Any] = field(default_factory=dict)  # name, hub_id, license (see source_facts)
 
     @property
     def calibrated(self) -> bool:
@@ -120,6 +132,7 @@ class Report:
             "tool": {"name": "mla-convert", "version": __version__},
             "source": {
                 "path": self.source_label,
+                **self.source_facts,
                 "architecture": geo.arch,
                 "layers": geo.layers,
                 "heads": geo.heads,
@@ -163,6 +176,77 @@ class Report:
             "verification": self.verification.as_dict() if self.verification else None,
             "warnings": self.warnings,
         }
+
+
+def source_facts(source: Source) -> dict[str, Any]:
+    """What the model card may publish about the source: a name and hub id that hold no local path, and its
+    license as the source declares it (null when it declares none: the card then states none)."""
+    label = source.label
+    local = Path(label).expanduser().exists()  # resolve() took an existing path as local, anything else as a hub id
+    raw = _raw_config(source.root) if source.gguf_file is None else {}
+    declared = raw.get("_name_or_path") or getattr(source.config, "_name_or_path", None)
+    if not local:
+        hub_id: str | None = label
+    elif isinstance(declared, str) and ORG_NAME.match(declared) and not _is_local(declared, source.root):
+        hub_id = declared  # e.g. a local copy saved from the hub, whose config still names its repo
+    else:
+        hub_id = None
+    facts: dict[str, Any] = {
+        "name": Path(label).expanduser().resolve().name if local else label,
+        "hub_id": hub_id,
+        "license": None,
+    }
+    readme = source.root / "README.md"
+    meta = _front_matter(readme) if readme.is_file() else (_front_matter(_hub_readme(label)) if not local else {})
+    declared_license = meta.get("license") if isinstance(meta.get("license"), str) else raw.get("license")
+    if isinstance(declared_license, str) and declared_license.strip():
+        facts["license"] = declared_license.strip()
+        if facts["license"] == "other":
+            for key in ("license_name", "license_link"):
+                if isinstance(meta.get(key), str):
+                    facts[key] = meta[key]
+            link = facts.get("license_link")
+            if link and not link.startswith(("http://", "https://")):  # a file of the source repo
+                if hub_id is None:
+                    del facts["license_link"]
+                else:
+                    facts["license_link"] = f"https://huggingface.co/{hub_id}/blob/main/{link.lstrip('./')}"
+    return facts
+
+
+def _is_local(name: str, root: Path) -> bool:
+    return Path(name).exists() or (root.parent / name).exists()
+
+
+def _raw_config(root: Path) -> dict[str, Any]:
+    """config.json as written (transformers replaces `_name_or_path` with the directory it loads from)."""
+    try:
+        data = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _hub_readme(repo_id: str) -> Path | None:
+    """A hub source's model card (the download fetches weights and tokenizer only); None when it cannot be had."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "README.md"))
+    except Exception:
+        return None
+
+
+def _front_matter(readme: Path | None) -> dict[str, Any]:
+    """The YAML metadata block at the top of a model card, {} without one (or when it does not parse)."""
+    if readme is None:
+        return {}
+    from huggingface_hub import metadata_load
+
+    try:
+        return metadata_load(readme) or {}
+    except Exception:  # unreadable file, bad YAML, a block that is not a mapping
+        return {}
 
 
 def engines_table(rows: list[dict[str, str]]) -> Table:

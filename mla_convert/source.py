@@ -3,8 +3,9 @@
 Safetensors checkpoints are read one tensor at a time with positioned reads (safetensors_io), so
 converting never needs the whole model in memory. Pickle weights (.bin/.pt) can run code when loaded
 and are refused unless the user allows them; then they are loaded with `torch.load(weights_only=True,
-mmap=True)`, which unpickles only tensors and containers. GGUF files are dequantized through
-transformers' GGUF support, which materialises the model once.
+mmap=True)`, which unpickles only tensors and containers. GGUF files are checked and configured from
+their header alone; the tensors are dequantized through transformers' GGUF support (which materialises the
+model once) only when first needed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import math
 import pickle
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
+from .gguf_header import gguf_tensor_shapes
+from .paths import check_model_in
 from .safetensors_io import SafetensorsError, TensorFile, read_header
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?$")  # "name" or "org/name"
 
 
 @dataclass
@@ -51,12 +52,15 @@ class Source:
     gguf_file: str | None = None
     _shards: dict[str, Path] = field(default_factory=dict)  # tensor name -> shard file
     _files: dict[Path, Any] = field(default_factory=dict, repr=False)  # TensorFile, or a pickle state dict
-    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # GGUF: in memory
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # GGUF: in memory once loaded
+    _gguf_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # GGUF header, torch order
+    _hub_parameters: int | None = field(default=None, repr=False)  # a dry run of a hub id reads no header
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
 
     def names(self) -> list[str]:
-        return list(self._tensors) if self._tensors is not None else list(self._shards)
+        tensors = self._in_memory()
+        return list(tensors) if tensors is not None else list(self._shards)
 
     @property
     def gguf_path(self) -> Path | None:
@@ -66,12 +70,16 @@ class Source:
     @property
     def streams(self) -> bool:
         """Whether `get` reads a fresh tensor from disk each time (which the caller then owns)."""
-        return self._tensors is None
+        return self.gguf_file is None and self._tensors is None
 
     def parameter_count(self) -> int:
-        """Elements over all tensors, from the shard headers (nothing is read)."""
+        """Elements over all tensors, from the shard (or GGUF) headers (nothing is read)."""
+        if self.gguf_file is not None:
+            return sum(math.prod(shape) for shape in self._gguf_shapes.values())
         if self._tensors is not None:
             return sum(t.numel() for t in self._tensors.values())
+        if not self._shards and self._hub_parameters is not None:
+            return self._hub_parameters
         total = 0
         for path in sorted(set(self._shards.values())):
             file = self._files.get(path)
@@ -84,14 +92,16 @@ class Source:
         return total
 
     def has(self, name: str) -> bool:
-        return name in (self._tensors if self._tensors is not None else self._shards)
+        tensors = self._in_memory()
+        return name in (tensors if tensors is not None else self._shards)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor; a missing name or a damaged shard becomes a ConversionError."""
-        if self._tensors is not None:
-            if name not in self._tensors:
+        tensors = self._in_memory()
+        if tensors is not None:
+            if name not in tensors:
                 raise ConversionError(f"tensor '{name}' is missing from {self.label}")
-            return self._tensors[name]
+            return tensors[name]
         path = self._shards.get(name)
         if path is None:
             raise ConversionError(f"tensor '{name}' is missing from {self.label}")
@@ -103,10 +113,12 @@ class Source:
         except ConversionError:
             raise
         except Exception as exc:  # safetensors raises several types for damaged files
-            raise ConversionError(f"cannot read tensor '{name}' from {path.name}: {_short(exc)}") from exc
+            raise ConversionError(f"cannot read tensor '{name}' from {path.name}: {first_line(exc)}") from exc
 
     def model(self) -> Any:
         """The source as a float32 transformers model (kept after the first call)."""
+        if self._model is None and self.gguf_file is not None:
+            self._load_gguf()
         if self._model is None:
             from transformers import AutoModelForCausalLM
 
@@ -124,6 +136,27 @@ class Source:
                 self._model = AutoModelForCausalLM.from_pretrained(str(self.root), dtype=torch.float32).eval()
         return self._model
 
+    def _in_memory(self) -> dict[str, torch.Tensor] | None:
+        """Tensors held in memory (a GGUF's, dequantized on first use); None for checkpoints read tensor by tensor."""
+        if self._tensors is None and self.gguf_file is not None:
+            self._load_gguf()
+        return self._tensors
+
+    def _load_gguf(self) -> None:
+        path = self.gguf_path
+        assert path is not None
+        log.info("dequantizing %s", path.name)
+        try:
+            model = _load_gguf_tensors(path)
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"cannot load GGUF file {path}: {first_line(exc)}") from exc
+        tensors = {k: v.detach() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            tensors.pop("lm_head.weight", None)
+        self._tensors, self._model = tensors, model.eval()
+
     def tokenizer(self) -> Any:
         """The source tokenizer, or None when the checkpoint ships none."""
         if self._tokenizer is None:
@@ -132,7 +165,7 @@ class Source:
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.root), gguf_file=self.gguf_file)
             except Exception as exc:
-                log.info("no usable tokenizer in %s: %s", self.label, _short(exc))
+                log.info("no usable tokenizer in %s: %s", self.label, first_line(exc))
                 self._tokenizer = False
         return self._tokenizer or None
 
@@ -146,34 +179,48 @@ class Source:
         return path if path.is_file() else None
 
 
-def resolve(model_in: str, allow_pickle: bool = False) -> Source:
-    """Turn MODEL_IN into a Source, checking that it is complete before any heavy work starts."""
-    path = Path(model_in).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise ConversionError(f"GGUF file not found: {path}")
+def resolve(model_in: str, allow_pickle: bool = False, weights: bool = True) -> Source:
+    """Turn MODEL_IN into a Source, checking that it is complete before any heavy work starts.
+
+    Local inputs read only their config and tensor headers. A hub id is downloaded whole, or with
+    weights=False (a dry run) only its JSON files, the parameter count then read from the hub's headers.
+    """
+    path = check_model_in(model_in)
+    if path is not None and path.suffix.lower() == ".gguf":
         return _gguf_source(path)
-    if path.exists():
-        if not path.is_dir():
-            raise ConversionError(f"MODEL_IN must be a model directory, a hub id or a .gguf file: {path}")
+    if path is not None:
         return _directory_source(path, label=str(path), allow_pickle=allow_pickle)
-    if not HUB_ID.match(model_in):
-        raise ConversionError(f"model path not found: {path}")
+    if not weights:
+        root = _download(model_in, patterns=["*.json"])
+        source = Source(label=model_in, root=root, config=_load_config(root, model_in))
+        source._hub_parameters = _hub_parameter_count(model_in)
+        return source
     return _directory_source(_download(model_in), label=model_in, allow_pickle=allow_pickle)
 
 
-def _download(repo_id: str) -> Path:
+def _hub_parameter_count(repo_id: str) -> int | None:
+    """Parameters of a hub model from its safetensors headers (range requests; no weight is fetched)."""
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        return int(sum(get_safetensors_metadata(repo_id).parameter_count.values()))
+    except Exception as exc:
+        log.info("no parameter count for %s: %s", repo_id, first_line(exc))
+        return None
+
+
+def _download(repo_id: str, patterns: list[str] | None = None) -> Path:
     """Fetch config, tokenizer and safetensors of a hub model into the normal Hugging Face cache."""
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(
             repo_id,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"],
+            allow_patterns=patterns or ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md"],
         )
     except Exception as exc:
         raise ConversionError(
-            f"cannot fetch '{repo_id}' from the Hugging Face hub ({_short(exc)}); "
+            f"cannot fetch '{repo_id}' from the Hugging Face hub ({first_line(exc)}); "
             "to resolve, pass a local directory or check the id and your network"
         ) from exc
     return Path(local)
@@ -197,7 +244,7 @@ def _load_config(root: Path, label: str, gguf_file: str | None = None) -> Any:
     except json.JSONDecodeError as exc:
         raise ConversionError(f"config.json in {label} is not valid JSON ({exc.msg})") from exc
     except (ValueError, KeyError, OSError) as exc:
-        raise ConversionError(f"cannot read the config of {label}: {_short(exc)}") from exc
+        raise ConversionError(f"cannot read the config of {label}: {first_line(exc)}") from exc
 
 
 def _index_shards(root: Path, label: str, allow_pickle: bool = False) -> dict[str, Path]:
@@ -237,7 +284,7 @@ def _weight_map(index: Path, root: Path, label: str) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = {name: root / file for name, file in weight_map.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON or UTF-8
-        raise ConversionError(f"{index.name} in {label} is damaged ({_short(exc)})") from exc
+        raise ConversionError(f"{index.name} in {label} is damaged ({first_line(exc)})") from exc
     for file in sorted(set(shards.values())):
         if not file.is_file():
             raise ConversionError(f"shard {file.name} listed in {index.name} is missing from {label}")
@@ -263,7 +310,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             "unpickling them could run code; convert it to safetensors in a trusted environment"
         ) from exc
     except Exception as exc:  # damaged or not a torch file
-        raise ConversionError(f"cannot load {path.name} with weights_only: {_short(exc)}") from exc
+        raise ConversionError(f"cannot load {path.name} with weights_only: {first_line(exc)}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path.name} is not a state dict of tensors")
     return state
@@ -274,7 +321,7 @@ def _check_safetensors(path: Path) -> list[str]:
     try:
         return list(read_header(path))
     except OSError as exc:
-        raise ConversionError(f"cannot read {path.name}: {_short(exc)}") from exc
+        raise ConversionError(f"cannot read {path.name}: {first_line(exc)}") from exc
     except SafetensorsError as exc:
         text = str(exc)
         if text.startswith("truncated"):
@@ -283,29 +330,27 @@ def _check_safetensors(path: Path) -> list[str]:
 
 
 def _gguf_source(path: Path) -> Source:
-    """Dequantize a GGUF file through transformers and keep its tensors in memory."""
+    """Check a GGUF file's header and build its config from the metadata; no tensor is read here."""
     try:
         import gguf  # noqa: F401
     except ImportError as exc:
         raise ConversionError("reading .gguf needs the 'gguf' package: pip install gguf") from exc
-    from transformers import AutoModelForCausalLM
-
     from .families import family_for
 
+    shapes = gguf_tensor_shapes(path)
     root, name = path.parent, path.name
-    try:  # reading the config alone parses the whole file too, so load once and check after
-        model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=name, dtype=torch.float32)
-    except Exception as exc:
-        raise ConversionError(f"cannot load GGUF file {path}: {_short(exc)}") from exc
-    family_for(model.config)
-    tensors = {k: v.detach() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
-    source = Source(label=str(path), root=root, config=model.config, gguf_file=name, _tensors=tensors)
-    source._model = model.eval()
-    return source
+    try:
+        config = _load_config(root, str(path), gguf_file=name)
+    except ConversionError:
+        raise
+    except Exception as exc:  # gguf's reader raises several types on metadata it cannot parse
+        raise ConversionError(f"cannot read the config of {path}: {first_line(exc)}") from exc
+    family_for(config)
+    return Source(label=str(path), root=root, config=config, gguf_file=name, _gguf_shapes=shapes)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+def _load_gguf_tensors(path: Path) -> Any:
+    """Dequantize every tensor of a GGUF file into a float32 transformers model (the one heavy read)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +23,11 @@ import torch.nn.functional as F
 from . import checkpoints
 from .errors import ConversionError
 from .natural_scale import to_natural
+from .options import TrainSettings, per_process_windows
 
-SCOPES = ("attention", "all")
 # Frozen in every scope: the epsilon-regime gains (pure scales, redundant with the up-projections) and the
 # pass-through q latent of the transformers profile (an identity that carries the query bias).
 FROZEN = ("kv_a_layernorm", "q_a_proj", "q_a_layernorm")
-
-
-@dataclass
-class TrainSettings:
-    """Everything that decides the trained weights; a resumed run must match it exactly."""
-
-    steps: int = 100
-    lr: float = 1e-3  # relative: each tensor's step is about lr times its RMS (see relative_groups)
-    warmup_steps: int | None = None  # None: a tenth of the steps (resolved by the job before training)
-    batch_size: int = 8  # windows per optimizer step, over all processes
-    micro_batch_size: int = 4  # windows per forward pass on one process
-    seq_len: int = 256
-    scope: str = "attention"
-    distill_weight: float = 1.0  # 1: pure KL to the teacher; 0: pure language-model loss
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    gradient_checkpointing: bool = False
-
-    def fingerprint(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -72,27 +50,6 @@ class StepInfo:
     lr: float
     tokens_per_second: float
     seconds_left: float
-
-
-def check_settings(s: TrainSettings, max_positions: int | None) -> None:
-    """Refuse impossible settings before any work is done."""
-    if s.steps <= 0:
-        raise ConversionError(f"--finetune-steps must be positive (0 skips the fine-tune), got {s.steps}")
-    if s.scope not in SCOPES:
-        raise ConversionError(f"--train must be one of {', '.join(SCOPES)}, got '{s.scope}'")
-    if not s.lr > 0 or not math.isfinite(s.lr):
-        raise ConversionError(f"--lr must be a positive number, got {s.lr}")
-    if s.batch_size <= 0 or s.micro_batch_size <= 0:
-        raise ConversionError("--batch-size and --micro-batch-size must be positive")
-    if not 0.0 <= s.distill_weight <= 1.0:
-        raise ConversionError(f"--distill-weight must be between 0 and 1, got {s.distill_weight}")
-    if s.seq_len < 16:
-        raise ConversionError(f"--train-seq-len must be at least 16, got {s.seq_len}")
-    if max_positions is not None and s.seq_len > max_positions:
-        raise ConversionError(f"--train-seq-len {s.seq_len} is longer than the model's context ({max_positions})")
-    if s.warmup_steps is not None and s.warmup_steps < 0:
-        raise ConversionError(f"--warmup-steps must not be negative, got {s.warmup_steps}")
-    _per_process(s, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def select_trainable(model: Any, scope: str) -> list[torch.nn.Parameter]:
@@ -181,7 +138,7 @@ def train(
     mixed = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = _per_process(settings, world)
+    per_process = per_process_windows(settings, world)
     set_seed(settings.seed)
 
     to_natural(student)
@@ -276,17 +233,6 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
-
-
-def _per_process(settings: TrainSettings, world: int) -> int:
-    if settings.batch_size % world:
-        raise ConversionError(f"--batch-size {settings.batch_size} does not split over {world} processes")
-    per_process = settings.batch_size // world
-    if per_process % min(settings.micro_batch_size, per_process):
-        raise ConversionError(
-            f"--micro-batch-size {settings.micro_batch_size} does not divide the {per_process} windows per process"
-        )
-    return per_process
 
 
 def _recompute_activations(model: Any, on: bool) -> None:

@@ -195,22 +195,6 @@ def _guard_disk(action: Callable[[], T]) -> T:
         raise
 
 
-def check_output_path(model_in: Path | None, model_out: Path, force: bool) -> None:
-    """Refuse outputs that would overwrite the input or an existing directory (without --force)."""
-    out = model_out.expanduser().resolve()
-    if model_in is not None:
-        src = model_in.expanduser().resolve()
-        src_dir = src.parent if src.is_file() else src
-        if out == src_dir or src_dir in out.parents or (src.is_file() and out == src):
-            raise ConversionError(f"MODEL_OUT {model_out} is inside MODEL_IN; choose a directory outside it")
-    if out.exists() and not force:
-        raise ConversionError(f"{model_out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{model_out} exists and is not a directory")
-    if not out.parent.exists():
-        raise ConversionError(f"the parent directory of {model_out} does not exist")
-
-
 def clean_stale_temps(model_out: Path) -> None:
     """Remove temporary directories that an earlier killed run left beside MODEL_OUT."""
     parent = model_out.expanduser().resolve().parent

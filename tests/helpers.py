@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -21,3 +22,12 @@ def max_logit_diff(source: Path, converted: Path, ids: torch.Tensor) -> float:
 
 def random_ids(vocab: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+PROGRESS_LINE = re.compile(r"^(\[\d[^\]]*\] |  |time by stage|estimate: )")
+
+
+def messages(stderr: str) -> list[str]:
+    """stderr without the progress a run prints when it is not on a terminal (stage lines with their
+    clock, counts, estimates and the closing time summary): what is left is what the tool has to say."""
+    return [line for line in stderr.splitlines() if not PROGRESS_LINE.match(line)]

@@ -25,6 +25,7 @@ from mla_convert.job import Options, run
 from mla_convert.source import resolve
 
 from .conftest import COMMON, build_tiny
+from .helpers import messages
 from .test_bad_input import Untouched, one_line, temp_dirs
 
 SEQ = 32
@@ -191,7 +192,7 @@ def test_custom_column_and_eval_data_via_cli(cli, text_model: Path, tmp_path: Pa
     result = cli(text_model, out, QUICK, "--calib-data", calib, "--eval-data", held, "--text-column", "body")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
+    lines = messages(result.stderr)
     assert [line[:6] for line in lines if not line.startswith("engine ")] == ["plan: ", "warnin"], result.stderr
     assert len([line for line in lines if line.startswith("engine ")]) == 4  # one per engine, before the plan
     assert "warning: vLLM refuses" in result.stderr  # the only warning: this width is not one vLLM serves

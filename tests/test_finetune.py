@@ -24,7 +24,7 @@ from mla_convert.mla.latent_norm import SAFETY
 from mla_convert.train import TrainSettings
 
 from .conftest import COMMON, build_tiny
-from .helpers import load
+from .helpers import load, messages
 from .test_calibration import documents, text_model, write_txt  # noqa: F401  (text_model is a fixture)
 
 STEPS = 12
@@ -203,7 +203,7 @@ def test_bad_training_input_is_one_line_and_writes_nothing(cli, peaky, tmp_path,
     out = tmp_path / "out"
     result = cli(peaky, out, FLAGS, *flags)
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = messages(result.stderr)
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert not out.exists() and not list(tmp_path.glob(".mla-convert-tmp-*"))
 
@@ -220,7 +220,7 @@ def test_bad_training_text_is_one_line_and_writes_nothing(cli, text_model, tmp_p
     out = tmp_path / "out"
     result = cli(text_model, out, FLAGS, "--train-data", make(tmp_path))
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("engine ")]  # plan info
+    lines = [line for line in messages(result.stderr) if not line.startswith("engine ")]  # plan info
     assert len(lines) == 1 and all(f in lines[0] for f in fragment), result.stderr
     assert not out.exists() and not list(tmp_path.glob(".mla-convert-tmp-*"))
 
@@ -337,20 +337,3 @@ def test_train_all_updates_the_whole_model(peaky: Path, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "all" / "mla_report.json").read_text())
     assert report["finetune"]["scope"] == "all"
     assert report["finetune"]["trainable_parameters"] > 2 * sum(t.numel() for n, t in old.items() if "self_attn" in n)
-
-
-def test_command_line_defaults_are_the_library_defaults() -> None:
-    """The CLI spells its fine-tune defaults out for --help; they must be the ones TrainSettings documents."""
-    import inspect
-
-    from mla_convert.cli import convert
-
-    params = inspect.signature(convert).parameters
-    defaults = TrainSettings()
-    pairs = {"lr": "lr", "warmup_steps": "warmup_steps", "batch_size": "batch_size", "train_seq_len": "seq_len",
-             "micro_batch_size": "micro_batch_size", "distill_weight": "distill_weight"}  # fmt: skip
-    for flag, field in pairs.items():
-        assert params[flag].default == getattr(defaults, field), flag
-    job_defaults = Options()
-    for flag in ("finetune_steps", "train_tokens", "save_every"):
-        assert params[flag].default == getattr(job_defaults, flag), flag

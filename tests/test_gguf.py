@@ -19,6 +19,7 @@ from mla_convert.errors import ConversionError
 from mla_convert.job import Options, run
 
 from .conftest import build_tiny
+from .helpers import messages
 
 DATA = Path(__file__).parent / "data"
 FAST = {"method": "svd", "finetune_steps": 0, "validate": False}
@@ -364,7 +365,7 @@ def test_sentencepiece_style_tokenizer_becomes_llama_with_merge_scores(checkpoin
 
 def test_sharded_checkpoints_give_the_same_file(checkpoint: Path, f32_file: tuple[Path, dict], tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
-    run(str(checkpoint.parent / "source"), sharded, Options(max_shard_bytes=300_000, **FAST))
+    run(str(checkpoint.parent / "source"), sharded, Options(max_shard_size=300_000, **FAST))
     save_bpe_tokenizer(sharded)
     assert (sharded / "model.safetensors.index.json").is_file()
     out = tmp_path / "model.gguf"
@@ -418,7 +419,7 @@ def test_cli_refuses_a_gguf_it_cannot_write_before_any_work(cli, tiny_models, tm
     base = ("--method", "svd", "--finetune-steps", "0", "--gguf", "f32")
     result = cli(tiny_models["llama_gqa_tied"], out, *base, *flags)
     assert result.exit_code == 2, result.output
-    (line,) = result.stderr.strip().splitlines()  # no engine lines: refused before the plan was shown
+    (line,) = messages(result.stderr)  # no engine lines: refused before the plan was shown
     assert line.startswith("error: ")
     assert fragment in result.stderr and not out.exists() and "Traceback" not in result.output
 

@@ -44,7 +44,7 @@ main()
 # second layer, after the first went to disk), and after every shard is complete (the logits check).
 POINTS = {
     "planning": ("mla_convert.job", "plan_for", 1),
-    "writing shards": ("mla_convert.convert", "layer_tensors", 2),
+    "writing shards": ("mla_convert.conversion", "layer_tensors", 2),
     "checking": ("mla_convert.job", "verify", 1),
 }
 

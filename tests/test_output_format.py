@@ -124,7 +124,12 @@ def test_report_schema(portable_out):
 def test_model_card_states_source_settings_saving_and_errors(portable_out, tiny_models):
     out, report = portable_out
     card = (out / "README.md").read_text()
-    assert str(tiny_models["llama_gqa_tied"]) in card
+    source = tiny_models["llama_gqa_tied"]
+    # named by its folder, never by the local path it was read from (the card is published as it is)
+    assert f"Source: `{source.name}`" in card and str(source) not in card and str(source.parent) not in card
+    assert str(out.parent) not in card
+    # the measured quality names the text it was measured on
+    assert "tokens of text sampled from the source model itself (a separate sample" in card
     assert f"kv_lora_rank {report['settings']['kv_lora_rank']}" in card
     assert "KV cache per token per layer: 64 ->" in card
     assert "Key reconstruction error" in card and "| layer | K rel. error |" in card
@@ -135,7 +140,7 @@ def test_sharded_output_has_an_index_and_loads(tiny_models, tmp_path):
     run(
         str(tiny_models["llama_gqa_tied"]),
         out,
-        Options(verify=False, method="svd", max_shard_bytes=40_000, finetune_steps=0),
+        Options(verify=False, method="svd", max_shard_size=40_000, finetune_steps=0),
     )
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()

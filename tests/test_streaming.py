@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mla_convert import resources
-from mla_convert.convert import convert
+from mla_convert.conversion import convert
 from mla_convert.job import Options, plan_for
 from mla_convert.safetensors_io import HEADER_CAPACITY, SafetensorsError, ShardFile, TensorFile, read_header
 from mla_convert.source import Source, resolve

@@ -1,0 +1,64 @@
+"""The Python API, for notebooks and pipelines; the `mla-convert` command is a thin layer over it.
+
+    from mla_convert import convert, dry_run
+    print(dry_run("SmolLM2-135M-Instruct.Q4_1.gguf", kv_budget=0.25)["kv_cache"])
+    report = convert("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-mla", kv_budget=0.25)
+
+Both take an `Options` object, or its fields as keywords (`kv_budget=0.25, finetune_steps=0`), or both (the
+keywords win). Problems with the input raise `ConversionError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConversionError
+from .hooks import Hooks
+from .options import Options, TrainSettings, check_options
+from .paths import check_paths
+
+
+def convert(
+    model_in: str | Path,
+    model_out: str | Path,
+    options: Options | None = None,
+    *,
+    hooks: Hooks | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Convert MODEL_IN into a DeepSeek-V3 (MLA) checkpoint in MODEL_OUT; returns mla_report.json's content."""
+    options = with_settings(options, settings)
+    check_options(options)  # before torch is imported: a bad flag costs no time
+    if not options.resume:
+        check_paths(str(model_in), Path(model_out), options.force)
+    from .job import run
+
+    return run(str(model_in), Path(model_out), options, hooks)
+
+
+def dry_run(
+    model_in: str | Path, options: Options | None = None, *, model_out: str | Path | None = None, **settings: Any
+) -> dict[str, Any]:
+    """What `convert` would do, from the config alone: widths, KV cache, engines, memory, fine-tune time."""
+    options = with_settings(options, settings)
+    check_options(options)
+    if model_out is not None:
+        check_paths(str(model_in), Path(model_out), options.force)
+    from .job import preview
+
+    return preview(str(model_in), options, None if model_out is None else Path(model_out))
+
+
+def with_settings(options: Options | None, settings: dict[str, Any]) -> Options:
+    """`options` (default: Options()) with keyword settings applied; fine-tune ones go into `train`."""
+    options = options or Options()
+    top = {f.name for f in fields(Options)}
+    inner = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(settings) - top - inner)
+    if unknown:
+        raise ConversionError(f"unknown option(s): {', '.join(unknown)}")
+    base = settings.get("train", options.train)
+    train = replace(base, **{k: v for k, v in settings.items() if k in inner and k not in top})
+    return replace(options, **{k: v for k, v in settings.items() if k in top and k != "train"}, train=train)
