@@ -22,12 +22,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from assets import english_prose, smollm2_dir, technical_docs
 
 
-def convert(model: Path, out: Path, budget: float, method: str, target: str, calib: Path, prose: Path, tokens: int):
+def convert(
+    model: Path, out: Path, budget: float, method: str, target: str, calib: Path, prose: Path, tokens: int, steps: int
+):
     cmd = [
         sys.executable, "-m", "mla_convert.cli", str(model), str(out), "--force", "-q", "--no-verify",
-        "--kv-budget", str(budget), "--method", method, "--target", target,
+        "--kv-budget", str(budget), "--method", method, "--target", target, "--finetune-steps", "0",
         "--calib-data", str(calib), "--calib-tokens", str(tokens), "--eval-data", str(prose), "--eval-tokens", "8192",
     ]  # fmt: skip
+    if steps:
+        cmd += ["--layer-steps", str(steps)]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     seconds = time.perf_counter() - start
@@ -41,28 +45,34 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["svd", "activation"])
     parser.add_argument("--targets", nargs="+", default=["portable", "transformers"])
     parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--layer-steps", type=int, nargs="+", default=[0], help="--layer-steps values to compare")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     model, prose, calib = smollm2_dir(), english_prose(), technical_docs()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    header = "| budget | target | method | latent + rope | held-out ppl (src -> out) | ratio | KL | top-1 | time |"
+    header = "| budget | target | method | layer steps | latent + rope | held-out ppl (src -> out) | ratio | KL |"
+    header += " top-1 | time |"
     header += "\n"
-    header += "|---|---|---|---|---|---:|---:|---:|---:|"
+    header += "|---|---|---|---:|---|---|---:|---:|---:|---:|"
     print(header, flush=True)
     for budget in args.budgets:
         for target in args.targets:
             for method in args.methods:
-                out = args.out / f"b{budget}-{target}-{method}"
-                report, seconds = convert(model, out, budget, method, target, calib, prose, args.calib_tokens)
-                e, s = report["evaluation"], report["settings"]
-                row = (
-                    f"| {budget} | {target} | {method} | {s['kv_lora_rank']} + {s['qk_rope_head_dim']} | "
-                    f"{e['source_perplexity']:.2f} -> {e['converted_perplexity']:.2f} | {e['perplexity_ratio']:.3f} | "
-                    f"{e['kl_to_source']:.3f} | {e['top1_agreement']:.1%} | {seconds:.0f} s |"
-                )
-                rows.append(row)
-                print(row, flush=True)
+                for steps in args.layer_steps if method == "activation" else [0]:
+                    out = args.out / f"b{budget}-{target}-{method}-ls{steps}"
+                    report, seconds = convert(
+                        model, out, budget, method, target, calib, prose, args.calib_tokens, steps
+                    )
+                    e, s = report["evaluation"], report["settings"]
+                    row = (
+                        f"| {budget} | {target} | {method} | {steps} | {s['kv_lora_rank']} + {s['qk_rope_head_dim']} | "
+                        f"{e['source_perplexity']:.2f} -> {e['converted_perplexity']:.2f} | "
+                        f"{e['perplexity_ratio']:.3f} | {e['kl_to_source']:.3f} | {e['top1_agreement']:.1%} | "
+                        f"{seconds:.0f} s |"
+                    )
+                    rows.append(row)
+                    print(row, flush=True)
     (args.out / "one_shot.md").write_text(header + "\n" + "\n".join(rows) + "\n")
 
 

@@ -37,6 +37,10 @@ class LayerStats:
     k_act_error: float | None = None  # on calibration activations
     v_act_error: float | None = None
     attn_output_error: float | None = None  # converted vs source attention output, same inputs
+    # layer-wise reconstruction (--layer-steps): held-out calibration windows' output error before and after
+    reconstruction_steps: int | None = None
+    held_out_error_before: float | None = None
+    held_out_error_after: float | None = None
 
 
 class Calibrator(Protocol):
@@ -44,7 +48,7 @@ class Calibrator(Protocol):
 
     def covariance(self, index: int) -> torch.Tensor: ...
 
-    def advance(self, index: int, tensors: dict[str, torch.Tensor]) -> float: ...
+    def advance(self, index: int, tensors: dict[str, torch.Tensor], stats: LayerStats) -> None: ...
 
 
 def _layer_name(key: str, i: int) -> str:
@@ -192,7 +196,7 @@ def convert(
         cov = calibrator.covariance(i) if calibrator is not None else None
         tensors, layer = layer_tensors(source, plan, i, cov, device)
         if calibrator is not None:
-            layer.attn_output_error = calibrator.advance(i, tensors)
+            calibrator.advance(i, tensors, layer)
         for name, tensor in tensors.items():
             sink(name, tensor)
         del tensors  # else the previous layer stays alive while the next one is computed

@@ -241,7 +241,7 @@ def _convert_stage(
         if texts and texts.calib:
             from .sequential import SequentialCalibrator  # imports transformers' DeepSeek modeling: seconds
 
-            calibrator = SequentialCalibrator(source, plan, texts.calib.ids, options.device)
+            calibrator = SequentialCalibrator(source, plan, texts.calib.ids, options.device, options.layer_steps)
         hooks.on_stage("converting layers", plan.geometry.layers)
         with ShardWriter(tmp, plan.dtype, max_shard_bytes(options.max_shard_size)) as writer:
             stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device, calibrator=calibrator)

@@ -51,34 +51,51 @@ def attention_modules(model: Any) -> list[Any]:
 def to_natural(model: Any) -> None:
     """Make every latent down-projection a parametrization of its natural-scale map."""
     for attn in attention_modules(model):
-        scale = _row_scale(attn).to(attn.kv_a_proj_with_mqa.weight.device)
-        for name in ("weight", "bias"):
-            if getattr(attn.kv_a_proj_with_mqa, name, None) is not None:
-                parametrize.register_parametrization(attn.kv_a_proj_with_mqa, name, RowScale(scale.clone()))
+        natural_attention(attn)
+
+
+def natural_attention(attn: Any) -> None:
+    """Make one attention's latent down-projection a parametrization of its natural-scale map."""
+    scale = _row_scale(attn).to(attn.kv_a_proj_with_mqa.weight.device)
+    for name in ("weight", "bias"):
+        if getattr(attn.kv_a_proj_with_mqa, name, None) is not None:
+            parametrize.register_parametrization(attn.kv_a_proj_with_mqa, name, RowScale(scale.clone()))
+
+
+def plain_attention(attn: Any) -> None:
+    """Drop the parametrization and keep the stored weights as they are (no new scale)."""
+    proj = attn.kv_a_proj_with_mqa
+    for name in list(proj.parametrizations) if parametrize.is_parametrized(proj) else []:
+        parametrize.remove_parametrizations(proj, name, leave_parametrized=True)
 
 
 def fold(model: Any) -> None:
     """Remove the parametrizations and choose a fresh epsilon-regime scale for the trained maps."""
     for layer in model.model.layers:
-        attn = layer.self_attn
-        proj = attn.kv_a_proj_with_mqa
-        if not parametrize.is_parametrized(proj):
-            continue
-        natural = {name: proj.parametrizations[name].original.detach().double() for name in proj.parametrizations}
-        parametrize.remove_parametrizations(proj, "weight", leave_parametrized=True)
+        fold_layer(layer)
+
+
+def fold_layer(layer: Any) -> None:
+    """fold() for one decoder layer."""
+    attn = layer.self_attn
+    proj = attn.kv_a_proj_with_mqa
+    if not parametrize.is_parametrized(proj):
+        return
+    natural = {name: proj.parametrizations[name].original.detach().double() for name in proj.parametrizations}
+    parametrize.remove_parametrizations(proj, "weight", leave_parametrized=True)
+    if "bias" in natural:
+        parametrize.remove_parametrizations(proj, "bias", leave_parametrized=True)
+    rank = attn.kv_a_layernorm.weight.numel()
+    down = natural["weight"][:rank]
+    if "bias" in natural:
+        down = torch.cat([down, natural["bias"][:rank, None]], dim=1)
+    bound = attention_input_bound(layer.input_layernorm.weight.detach().double())
+    s = epsilon_regime_scale(down, bound)
+    root_eps = math.sqrt(attn.kv_a_layernorm.variance_epsilon)
+    with torch.no_grad():
+        proj.weight[:rank] = (s * natural["weight"][:rank]).to(proj.weight.dtype)
+        proj.weight[rank:] = natural["weight"][rank:].to(proj.weight.dtype)
         if "bias" in natural:
-            parametrize.remove_parametrizations(proj, "bias", leave_parametrized=True)
-        rank = attn.kv_a_layernorm.weight.numel()
-        down = natural["weight"][:rank]
-        if "bias" in natural:
-            down = torch.cat([down, natural["bias"][:rank, None]], dim=1)
-        bound = attention_input_bound(layer.input_layernorm.weight.detach().double())
-        s = epsilon_regime_scale(down, bound)
-        root_eps = math.sqrt(attn.kv_a_layernorm.variance_epsilon)
-        with torch.no_grad():
-            proj.weight[:rank] = (s * natural["weight"][:rank]).to(proj.weight.dtype)
-            proj.weight[rank:] = natural["weight"][rank:].to(proj.weight.dtype)
-            if "bias" in natural:
-                proj.bias[:rank] = (s * natural["bias"][:rank]).to(proj.bias.dtype)
-                proj.bias[rank:] = natural["bias"][rank:].to(proj.bias.dtype)
-            attn.kv_a_layernorm.weight.fill_(root_eps / s)
+            proj.bias[:rank] = (s * natural["bias"][:rank]).to(proj.bias.dtype)
+            proj.bias[rank:] = natural["bias"][rank:].to(proj.bias.dtype)
+        attn.kv_a_layernorm.weight.fill_(root_eps / s)

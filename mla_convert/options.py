@@ -119,6 +119,13 @@ class Options:
         COMPRESSION,
         choices=ENGINES,
     )
+    layer_steps: int = flag(
+        0,
+        "After each layer's closed-form fit, this many Adam steps on that attention layer so its output matches "
+        "the source layer's on the calibration text (early stopping on held-out calibration windows; "
+        "--method activation only). 0: the closed form alone.",
+        COMPRESSION,
+    )
     calib_data: str | None = flag(
         None,
         "Calibration text: .txt, .jsonl or .parquet (text column), or a hub dataset ID[:CONFIG][@SPLIT] "
@@ -237,6 +244,10 @@ def check_options(options: Options) -> None:
         raise ConversionError(
             f"--finetune-steps must be positive, or 0 to skip the fine-tune; got {options.finetune_steps}"
         )
+    if options.layer_steps < 0:
+        raise ConversionError(f"--layer-steps must be 0 (closed form only) or positive, got {options.layer_steps}")
+    if options.layer_steps and options.method != "activation":
+        raise ConversionError("--layer-steps fits layers to calibration text; it needs --method activation")
     if options.save_every < 0:
         raise ConversionError(f"--save-every must be positive (0: only at the end), got {options.save_every}")
     if options.resume and options.finetune_steps == 0:

@@ -14,7 +14,9 @@ Schema of mla_report.json (version 1):
             padding included), ratio, original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
   engines [{engine, status (serves | computes wrongly | refuses | untested), detail}],
   gguf {file, type, bytes, kept_float32 [tensor names], warnings} or null without --gguf,
-  layers [{index, k_rel_error, v_rel_error, rope_energy_kept, k_act_error, v_act_error, attn_output_error}]
+  layers [{index, k_rel_error, v_rel_error, rope_energy_kept, k_act_error, v_act_error, attn_output_error, and
+          with --layer-steps: reconstruction_steps, held_out_error_before, held_out_error_after (relative
+          attention-output error on held-out calibration windows around the layer-wise reconstruction)}]
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
            rope_energy_kept_min, and with calibration k_act_error_*, v_act_error_*, attn_output_error_* (mean, max)},
@@ -164,6 +166,15 @@ class Report:
                     "k_act_error": layer.k_act_error,
                     "v_act_error": layer.v_act_error,
                     "attn_output_error": layer.attn_output_error,
+                    **(
+                        {}
+                        if layer.reconstruction_steps is None
+                        else {
+                            "reconstruction_steps": layer.reconstruction_steps,
+                            "held_out_error_before": layer.held_out_error_before,
+                            "held_out_error_after": layer.held_out_error_after,
+                        }
+                    ),
                 }
                 for layer in self.layers
             ],

@@ -18,7 +18,9 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3RotaryEmbedding,
 )
 
+from .conversion import LayerStats
 from .plan import Plan
+from .reconstruct import reconstruct
 from .source import Source
 from .source_layers import SourceLayers, materialise
 from .target_config import deepseek_config
@@ -56,7 +58,7 @@ def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
 class SequentialCalibrator:
     """Implements convert.Calibrator on token windows ids [count, seq_len]."""
 
-    def __init__(self, source: Source, plan: Plan, ids: torch.Tensor, device: str = "cpu"):
+    def __init__(self, source: Source, plan: Plan, ids: torch.Tensor, device: str = "cpu", layer_steps: int = 0):
         self.source = SourceLayers(source, device)
         self.config = deepseek_runtime_config(plan, source.config)
         self.lam = plan.residual_scale
@@ -66,6 +68,7 @@ class SequentialCalibrator:
             self.src_pos = rotary(self.source.rotary, self.h[:1], ids.shape[1])
         self._x: torch.Tensor | None = None
         self.refit_output = plan.refit_output
+        self.layer_steps = layer_steps
 
     @torch.no_grad()
     def covariance(self, index: int) -> torch.Tensor:
@@ -74,8 +77,9 @@ class SequentialCalibrator:
         return second_moment(self._x)
 
     @torch.no_grad()
-    def advance(self, index: int, tensors: dict[str, torch.Tensor]) -> float:
-        """Refit o_proj to the source attention output on these inputs, then move the stream on."""
+    def advance(self, index: int, tensors: dict[str, torch.Tensor], stats: LayerStats) -> None:
+        """Refit o_proj to the source attention output on these inputs, optionally reconstruct the layer
+        (--layer-steps), record the errors in stats, then move the stream on."""
         x = self._x
         assert x is not None
         layer = build_layer(self.config, index, tensors, x.device)
@@ -84,10 +88,18 @@ class SequentialCalibrator:
         self.source.release(index)
         if self.refit_output:
             refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
+        if self.layer_steps > 0:
+            fit = reconstruct(layer, x, ref, self.ds_pos, self.layer_steps)
+            stats.reconstruction_steps = fit.steps
+            stats.held_out_error_before, stats.held_out_error_after = fit.before, fit.after
+            prefix = f"model.layers.{index}.self_attn."
+            for name, tensor in layer.self_attn.state_dict().items():
+                if prefix + name in tensors:
+                    tensors[prefix + name] = tensor.detach().clone()
         out = batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x)
         self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
         self._x = None
-        return relative(out, ref)
+        stats.attn_output_error = relative(out, ref)
 
 
 def refit_output_projection(
