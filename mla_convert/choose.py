@@ -69,7 +69,10 @@ def stride_candidates(make: Callable[..., Plan], rope_dim: int, kv_rank: int, he
     plans = [make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1)]
     for stride in STRIDES[1:]:
         if (rope_dim // 2 - 1) * stride <= head_dim // 2 - 1:
-            plans.append(make(rope_dim=rope_dim, kv_rank=kv_rank, stride=stride))
+            try:
+                plans.append(make(rope_dim=rope_dim, kv_rank=kv_rank, stride=stride))
+            except ConversionError:  # e.g. a latent wider than this ladder's lossless rank
+                continue
     return plans
 
 

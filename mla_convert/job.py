@@ -324,9 +324,11 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
         ranks = replace(options, kv_budget=None, kv_rank=kv_rank, rope_dim=rope_dim)
         return plan_for(source, ranks, covariances, stride)
 
-    if options.engine is not None:  # the widths are fixed: measure which source frequencies the ladder holds
+    fixed_width = options.engine is not None or (options.target == "portable" and options.rope_dim is not None)
+    if fixed_width:  # the widths are fixed: measure which source frequencies the ladder holds
         candidates = stride_candidates(make, plan.rope_dim, plan.kv_rank, geo.head_dim)
-        why = f"measuring {len(candidates)} rotary ladders for --engine {options.engine}"
+        flag = f"--engine {options.engine}" if options.engine is not None else f"--rope-dim {plan.rope_dim}"
+        why = f"measuring {len(candidates)} rotary ladders for {flag}"
         prefix = plan.split_reason
     elif options.kv_budget is None or (plan.rope_dim == max_rope and not plan.compressed):
         return plan  # ranks given, or the budget covers the lossless map

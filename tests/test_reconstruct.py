@@ -76,3 +76,18 @@ def test_layer_steps_keep_an_exact_map_exact_and_report_each_layer(tiny_models, 
 def test_layer_steps_need_calibration_text(cli, tiny_llama, tmp_path) -> None:
     result = cli(tiny_llama, tmp_path / "out", "--method", "svd", "--layer-steps", "10")
     assert result.exit_code == 2 and "--layer-steps fits layers to calibration text" in result.stderr
+
+
+def test_an_explicit_rope_dim_has_its_ladder_measured(tiny_models, tmp_path) -> None:
+    """A width the user fixes is still placed on the source frequencies that measure best (stride 1 or 2)."""
+    from mla_convert.hooks import Hooks
+
+    stages: list[str] = []
+    hooks = Hooks(on_stage=lambda text, total=None: stages.append(text))
+    options = Options(kv_rank=12, rope_dim=4, verify=False, **QUICK_CALIB)
+    report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / "out", options, hooks)
+    assert any(text.startswith("measuring 2 rotary ladders for --rope-dim 4") for text in stages), stages
+    reason = report["settings"]["split_reason"]
+    assert reason.startswith("ranks given on the command line; measured on calibration windows")
+    assert "stride 1" in reason and "stride 2" in reason
+    assert report["settings"]["rotary_stride"] in (1, 2)
