@@ -171,14 +171,14 @@ app.command(cls=Command, epilog=EPILOG, no_args_is_help=True)(convert)
 
 def _dry_run(model_in: str, model_out: Path | None, options: Options, verbose: bool) -> None:
     from . import api
-    from .preview import preview_lines
 
     try:
-        api.check_options(options)
         _quiet_libraries(verbose)
         found = api.dry_run(model_in, options, model_out=model_out)
     except ConversionError as exc:
         _fail(str(exc), verbose)
+    from .preview import preview_lines  # imports torch: only once the flags have passed
+
     for line in preview_lines(found, options.device):
         out.print(escape(line), soft_wrap=True, highlight=False)
     out.print("dry run: nothing was written", highlight=False)
@@ -192,9 +192,6 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
     main_process = int(os.environ.get("RANK", "0")) == 0  # under a multi-process launch only it reports
     display = StageDisplay(err, quiet or not main_process)
     try:
-        api.check_options(options)  # before torch and transformers are imported: a bad flag costs no time
-        if not options.resume:  # a resume continues inside the existing MODEL_OUT
-            api.check_paths(model_in, model_out, options.force)
         _quiet_libraries(verbose)
         with display:
             hooks = Hooks(
@@ -294,16 +291,19 @@ def _latent(plan: Any) -> str:
 
 
 def _quiet_libraries(verbose: bool) -> None:
+    """Quiet transformers and the hub without importing them: the API checks every flag first, and a bad
+    one must not wait for torch and transformers to load."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization uses a bare tqdm
+    if "transformers" in sys.modules:  # already loaded (an in-process caller): set it directly
+        transformers = sys.modules["transformers"]
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     import warnings
 
     warnings.filterwarnings("ignore")

@@ -28,7 +28,7 @@ from .hooks import Hooks
 from .options import Options, TrainSettings, check_options, check_settings, finetune_defaults, max_shard_bytes
 from .paths import check_model_in, check_paths
 from .plan import Plan, geometry_of, make_plan, resolve_dtype
-from .preview import describe, finetune_line
+from .preview import describe, finetune_line, finetune_summary
 from .report import Report, source_facts
 from .source import Source, resolve
 from .target_config import deepseek_config
@@ -99,9 +99,9 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
     _check_memory(source, options, plan, wants_finetune)
     found = engine_verdicts(plan, options)
     hooks.on_engines(found)
-    preview = describe(plan, found, source.parameter_count(), options, settings, wants_finetune)
-    if preview["finetune"] is not None:
-        hooks.on_note("estimate: " + finetune_line(preview["finetune"], options.device))
+    if wants_finetune:
+        estimate = finetune_summary(source.parameter_count(), settings, options.device)
+        hooks.on_note("estimate: " + finetune_line(estimate, options.device))
     report = finetune.main_process_first(
         lambda: _convert_stage(source, model_out, options, plan, settings, hooks, started), enabled=wants_finetune
     )

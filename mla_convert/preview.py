@@ -29,6 +29,18 @@ def finetune_seconds(parameters: int, settings: TrainSettings | None, device: st
     return settings.steps * settings.batch_size * settings.seq_len / rate
 
 
+def finetune_summary(parameters: int, settings: TrainSettings | None, device: str) -> dict[str, Any] | None:
+    """The fine-tune's size and estimated time (None when nothing is trained)."""
+    if settings is None:
+        return None
+    return {
+        "steps": settings.steps,
+        "windows_per_step": settings.batch_size,
+        "tokens": settings.steps * (settings.batch_size or 0) * settings.seq_len,
+        "estimated_seconds": finetune_seconds(parameters, settings, device),
+    }
+
+
 def describe(
     plan: Plan,
     verdicts: list[Verdict],
@@ -64,14 +76,7 @@ def describe(
         "parameters": parameters,
         "memory_bytes": resources.float32_models_bytes(parameters, models) if models else 0,
         "memory_available_bytes": resources.available_memory_bytes(),
-        "finetune": None
-        if not trains or settings is None
-        else {
-            "steps": settings.steps,
-            "windows_per_step": settings.batch_size,
-            "tokens": settings.steps * (settings.batch_size or 0) * settings.seq_len,
-            "estimated_seconds": finetune_seconds(parameters, settings, options.device),
-        },
+        "finetune": finetune_summary(parameters, settings if trains else None, options.device),
         "samples_text": samples,
         "warnings": list(plan.warnings),
     }

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .natural_scale import fold_layer, natural_attention, plain_attention
+from .sequential import batched, relative
 from .train import FROZEN, relative_groups
 
 HELD_SHARE = 8  # one window in this many is held out for early stopping (at least one)
@@ -83,5 +84,4 @@ def reconstruct(
 
 @torch.no_grad()
 def _error(attn: Any, x: torch.Tensor, target: torch.Tensor, pos: Any) -> float:
-    out = torch.cat([attn(x[i : i + 8], pos, None)[0] for i in range(0, x.shape[0], 8)])
-    return float((out - target).norm() / target.norm().clamp_min(1e-30))
+    return relative(batched(lambda t: attn(t, pos, None)[0], x), target)

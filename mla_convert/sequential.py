@@ -20,7 +20,6 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from .conversion import LayerStats
 from .plan import Plan
-from .reconstruct import reconstruct
 from .source import Source
 from .source_layers import SourceLayers, materialise
 from .target_config import deepseek_config
@@ -89,6 +88,8 @@ class SequentialCalibrator:
         if self.refit_output:
             refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
         if self.layer_steps > 0:
+            from .reconstruct import reconstruct  # it builds on this module's helpers
+
             fit = reconstruct(layer, x, ref, self.ds_pos, self.layer_steps)
             stats.reconstruction_steps = fit.steps
             stats.held_out_error_before, stats.held_out_error_after = fit.before, fit.after

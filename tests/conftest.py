@@ -29,6 +29,21 @@ COMMON = dict(
     rms_norm_eps=1e-5,
 )
 
+# DeepSeek-sized heads at test scale (the engine tests): 16 query heads, 8 KV heads of 64, hidden 512. The
+# lossless latent is the hidden size, so the default conversion is latent 512 + rotary 64 with no padding.
+ENGINE_SIZED = dict(
+    vocab_size=1024,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
 
 def _llama3_rope() -> dict:
     return {

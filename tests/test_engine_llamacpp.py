@@ -22,7 +22,7 @@ from mla_convert.engines import gguf_export, runtime
 from mla_convert.engines.gguf_export import write_gguf
 from mla_convert.job import Options, run
 
-from .conftest import build_tiny
+from .conftest import ENGINE_SIZED, build_tiny
 from .test_gguf import save_bpe_tokenizer
 
 pytestmark = pytest.mark.engines
@@ -46,19 +46,6 @@ SENTENCES = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
 ]
 FAST = {"method": "svd", "finetune_steps": 0, "validate": False, "verify": False}
-# DeepSeek-sized heads at test scale: 16 query heads, 8 KV heads of 64, hidden 512 (latent 512 + rope 64).
-ENGINE_SIZED = dict(
-    vocab_size=1024,
-    hidden_size=512,
-    intermediate_size=1024,
-    num_hidden_layers=4,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 
 
 def _prompts(tokenizer_dir: Path, count: int = 5, length: int = 64) -> list[list[int]]:

@@ -18,7 +18,7 @@ from mla_convert.engines import runtime
 from mla_convert.engines.support import REFUSES, SERVES, verdicts
 from mla_convert.job import Options, run
 
-from .conftest import QUICK_CALIB, build_tiny
+from .conftest import ENGINE_SIZED, QUICK_CALIB, build_tiny
 
 pytestmark = pytest.mark.engines
 
@@ -26,20 +26,6 @@ DATA = Path(__file__).parent / "data"
 NOTES = Path(__file__).parents[1] / "docs" / "method.md"
 GREEDY = 32
 TOLERANCE = 1e-3  # max |Δ prompt logprob| in float32
-# DeepSeek-sized heads at test scale: 16 query heads, 8 KV heads of 64, hidden 512: the lossless latent
-# is the hidden size, so the default conversion is latent 512 + rotary 64 with no padding.
-ENGINE_SIZED = dict(
-    vocab_size=1024,
-    hidden_size=512,
-    intermediate_size=1024,
-    num_hidden_layers=4,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 FAST = {"finetune_steps": 0, "validate": False, "verify": False}
 
 
