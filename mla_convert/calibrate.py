@@ -2,7 +2,7 @@
 or sample it from the source model when the user gives none.
 
 Calibration windows and evaluation windows never overlap: evaluation uses --eval-data, else the tail of
-the calibration source after the calibration tokens, else a separately seeded sample.
+the calibration file (calibration windows are spread over the rest of it), else a separately seeded sample.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def tokenize_windows(texts: list[str], tokenizer: Any, seq_len: int) -> torch.Te
 def split_windows(
     windows: torch.Tensor, calib_tokens: int, seq_len: int, origin: str, want_eval: bool
 ) -> tuple[TokenWindows, TokenWindows | None, list[str]]:
-    """Take the calibration windows from the front and keep the rest (up to the same amount) for evaluation."""
+    """Hold out the file's last windows (up to as many as calibration takes) for evaluation, and take the
+    calibration windows spread evenly over the rest, so a long file calibrates on all its parts rather than
+    on its opening pages."""
     warnings: list[str] = []
     wanted = max(1, calib_tokens // seq_len)
     available = windows.shape[0]
@@ -145,18 +147,24 @@ def split_windows(
         take = min(wanted, max(1, available - max(1, available // 5)) if available > 1 else 1)
     else:
         take = min(wanted, available)
-    calib = TokenWindows(windows[:take], origin)
+    held_count = min(wanted, available - take) if want_eval else 0
+    pool = available - held_count
+    calib = TokenWindows(windows[spread(take, pool)], origin)
     held_out = None
-    if want_eval and available > take:
-        held = windows[take : take + wanted]
-        span = (take * seq_len, (take + held.shape[0]) * seq_len)
-        held_out = TokenWindows(held, f"{origin} (held-out tail)", span, origin)
+    if held_count:
+        span = (pool * seq_len, available * seq_len)
+        held_out = TokenWindows(windows[pool:], f"{origin} (held-out tail)", span, origin)
     if take < wanted:
         kept = f"; the remaining {(available - take) * seq_len} are held out for evaluation" if held_out else ""
         warnings.append(
             f"{origin} gave {take * seq_len} calibration tokens, fewer than the {wanted * seq_len} asked for{kept}"
         )
     return calib, held_out, warnings
+
+
+def spread(count: int, pool: int) -> torch.Tensor:
+    """`count` distinct indices spread evenly over range(pool), the first and last included (count <= pool)."""
+    return torch.linspace(0, pool - 1, count).round().long() if count > 1 else torch.zeros(1, dtype=torch.long)
 
 
 class _TokenCount(StoppingCriteria):
@@ -248,13 +256,15 @@ def text_sets(
     train_tokens: int = 0,
     train_seq_len: int = 0,
     hooks: Hooks | None = None,
+    sampled_share: float = 0.0,
 ) -> TextSets:
     """Build calibration, evaluation and fine-tune windows from files, or sample them from the source model.
 
     With train_tokens > 0 fine-tune windows come from --train-data, else --calib-data, else the calibration
     sample; when the evaluation text is the held-out tail of that same file, training never sees it.
     Evaluation text is sampled from the source model (which needs it whole) only when no file gives it
-    and sample_eval says it will be used.
+    and sample_eval says it will be used. With calibration text and sampled_share > 0, that share of the
+    calibration windows is sampled from the source instead (the file's windows are still spread over it).
     """
     check_lengths(seq_len, getattr(source.config, "max_position_embeddings", None))
     tokenizer = source.tokenizer()
@@ -301,6 +311,13 @@ def text_sets(
             windows, calib_tokens, seq_len, calib_data, want_eval=need_eval and evaluation is None
         )
         notes += warnings
+        take = calib.ids.shape[0]
+        sampled = min(take - 1, round(sampled_share * take))
+        if sampled:  # the file's windows that stay are still spread over it; the held-out tail is unchanged
+            more = sample(sampled, "calibration text (--calib-sampled)", seed)
+            kept = calib.ids[spread(take - sampled, take)]
+            calib = TokenWindows(torch.cat([kept, more]), f"{calib_data} and text sampled from the source")
+            notes.append(f"{more.numel()} of the {calib.tokens} calibration tokens are sampled from the source")
         if evaluation is None and held_out is not None:
             evaluation = _first_tokens(held_out, eval_tokens, seq_len)
     else:

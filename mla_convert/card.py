@@ -20,6 +20,7 @@ from .target_config import TRANSFORMERS_ONLY
 TAGS = ("mla", "deepseek_v3", "kv-cache-compression", "mla-convert")
 HUB = "https://huggingface.co"
 HELD_OUT = " (held-out tail)"  # calibrate.py's suffix for the held-out end of a text file
+MIXED = " and text sampled from the source"  # calibrate.py: a file mixed with sampled text (--calib-sampled)
 SAMPLED = "sampled from the source"
 FILE_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".parquet")
 # An absolute path in free text: /a/b, ~/a or C:\a, not inside a word, a URL or a ratio such as K/V.
@@ -142,6 +143,8 @@ def text_origin(origin: str) -> str:
         return "text sampled from the source model itself"
     if origin == f"{SAMPLED} (separate seed)":
         return "text sampled from the source model itself (a separate sample from the calibration text)"
+    if origin.endswith(MIXED):
+        return f"`{_spec_name(origin[: -len(MIXED)])}` and text sampled from the source model itself"
     if origin.endswith(HELD_OUT):
         return f"the held-out tail of `{_spec_name(origin[: -len(HELD_OUT)])}`, unseen by calibration and fine-tuning"
     return f"`{_spec_name(origin)}`"

@@ -38,6 +38,8 @@ class LayerStats:
     v_act_error: float | None = None
     attn_output_error: float | None = None  # converted vs source attention output, same inputs
     # layer-wise reconstruction (--layer-steps): held-out calibration windows' output error before and after
+    query_error_before: float | None = None  # --query-refit: held-out attention-output error around it
+    query_error_after: float | None = None
     reconstruction_steps: int | None = None
     held_out_error_before: float | None = None
     held_out_error_after: float | None = None

@@ -42,7 +42,13 @@ from .writer import (
 )
 
 
-def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] | None = None, stride: int = 1) -> Plan:
+def plan_for(
+    source: Source,
+    options: Options,
+    covariances: list[torch.Tensor] | None = None,
+    stride: int = 1,
+    density: int = 1,
+) -> Plan:
     """The plan for these options; covariances make the transformers profile's rotary choice activation-aware."""
     geo = geometry_of(source.config)
     keep_bias = geo.qkv_bias and options.target == "transformers"
@@ -54,6 +60,7 @@ def plan_for(source: Source, options: Options, covariances: list[torch.Tensor] |
         kv_budget=options.kv_budget,
         dtype=options.dtype,
         stride=stride,
+        density=density,
         key_energy=lambda: key_energies(
             source, geo, keep_bias, covariances, resolve_dtype(options.dtype, source.config)
         ),
@@ -231,6 +238,7 @@ def _convert_stage(
             train_tokens=_train_tokens(options, settings) if training else 0,
             train_seq_len=settings.seq_len if settings is not None else 0,
             hooks=hooks,
+            sampled_share=options.calib_sampled,
         )
     if calibrated:
         assert texts is not None and texts.calib is not None
@@ -241,7 +249,14 @@ def _convert_stage(
         if texts and texts.calib:
             from .sequential import SequentialCalibrator  # imports transformers' DeepSeek modeling: seconds
 
-            calibrator = SequentialCalibrator(source, plan, texts.calib.ids, options.device, options.layer_steps)
+            calibrator = SequentialCalibrator(
+                source,
+                plan,
+                texts.calib.ids,
+                options.device,
+                options.layer_steps,
+                options.query_refit and plan.compressed,  # at full size it measured no gain
+            )
         hooks.on_stage("converting layers", plan.geometry.layers)
         with ShardWriter(tmp, plan.dtype, max_shard_bytes(options.max_shard_size)) as writer:
             stats = convert(source, plan, writer.add, hooks.on_layer, device=options.device, calibrator=calibrator)
@@ -308,7 +323,7 @@ def _train_tokens(options: Options, settings: TrainSettings | None) -> int:
 
 def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks) -> Plan:
     """Redo the plan with activation statistics: rotary components and, for a budget, the measured split."""
-    from .choose import budget_candidates, pick, score_candidates, stride_candidates
+    from .choose import budget_candidates, full_size_candidates, pick, score_candidates, stride_candidates
     from .sequential import SourceWalk, second_moment
 
     covariances = None
@@ -320,15 +335,20 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     geo = plan.geometry
     max_rope = geo.head_dim if options.target == "portable" else geo.kv_heads * geo.head_dim
 
-    def make(rope_dim: int, kv_rank: int, stride: int) -> Plan:
+    def make(rope_dim: int, kv_rank: int, stride: int, density: int = 1) -> Plan:
         ranks = replace(options, kv_budget=None, kv_rank=kv_rank, rope_dim=rope_dim)
-        return plan_for(source, ranks, covariances, stride)
+        return plan_for(source, ranks, covariances, stride, density)
 
     fixed_width = options.engine is not None or (options.target == "portable" and options.rope_dim is not None)
     if fixed_width:  # the widths are fixed: measure which source frequencies the ladder holds
         candidates = stride_candidates(make, plan.rope_dim, plan.kv_rank, geo.head_dim)
         flag = f"--engine {options.engine}" if options.engine is not None else f"--rope-dim {plan.rope_dim}"
         why = f"measuring {len(candidates)} rotary ladders for {flag}"
+        prefix = plan.split_reason
+    elif options.target == "portable" and not plan.compressed and options.kv_rank is None:
+        # full size: a denser ladder gives more rotary components a slot in the same cache
+        candidates = full_size_candidates(make, plan, geo.head_dim, geo.kv_heads)
+        why = f"measuring {len(candidates)} rotary ladders at full size"
         prefix = plan.split_reason
     elif options.kv_budget is None or (plan.rope_dim == max_rope and not plan.compressed):
         return plan  # ranks given, or the budget covers the lossless map

@@ -18,7 +18,7 @@ from .errors import ConversionError
 from .families import Family, family_for, has_qkv_bias
 from .mla.exact import Slot
 from .mla.latent_norm import LATENT_NORM_EPS
-from .mla.rotary import ladder, match_ladder, portable_theta, source_inv_freq
+from .mla.rotary import ladder, match_ladder, near_slots, portable_theta, source_inv_freq
 from .options import FLOAT16_REFUSED, TARGETS, check_engine, check_ranks
 
 # The smallest budget docs/results.md measured, and what it gave: below it a setting is unmeasured.
@@ -69,6 +69,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     method: str = "svd"  # "svd": data-free weight SVD; "activation": fitted on calibration activations
     stride: int = 1  # portable: the ladder holds every stride-th source frequency
+    density: int = 1  # portable: ladder slots per source frequency (the extra ones hold near components)
     key_weight: float = 1.0  # activation method: weight of key error against value error in the latent
     refit_output: bool = True  # activation method: refit o_proj to the source attention output
     engine: str | None = None  # --engine: the widths are the ones that engine's kernels run
@@ -125,6 +126,7 @@ def make_plan(
     key_energy: Callable[[], torch.Tensor] | None = None,
     engine: str | None = None,
     rope_padding: bool = False,
+    density: int = 1,
 ) -> Plan:
     """Decide the conversion.
 
@@ -132,6 +134,8 @@ def make_plan(
     the [layers, freqs, kv_heads] energies of the mixed key components. With an engine the widths are
     that engine's; kv_rank (or the budget) then decides how many latent components are real.
     rope_padding lets a portable rotary key be wider than head_dim: the extra ladder slots stay empty.
+    density > 1 (portable, stride 1) puts density slots on each source frequency step: the first holds
+    the frequency exactly, the others further mixed components at a near frequency (up to density*head_dim).
     """
     if target not in TARGETS:
         raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
@@ -142,7 +146,9 @@ def make_plan(
     d, kv = geo.head_dim, geo.kv_heads
     if d % 2:
         raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
-    max_rope = d if target == "portable" else kv * d
+    if density < 1 or (density > 1 and (target != "portable" or stride != 1 or density > kv)):
+        raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
+    max_rope = density * d if target == "portable" else kv * d
     warnings: list[str] = []
 
     if rope_dim is not None:
@@ -150,7 +156,7 @@ def make_plan(
     if kv_budget is not None:
         total = math.floor(kv_budget * geo.kv_elements)
         keeps_bias = geo.qkv_bias and target == "transformers"
-        lossless_latent = min((2 * kv - 1) * d if target == "portable" else kv * d, geo.hidden + int(keeps_bias))
+        lossless_latent = min((2 * kv - density) * d if target == "portable" else kv * d, geo.hidden + int(keeps_bias))
         if total >= max_rope + lossless_latent:
             rope_dim, kv_rank = max_rope, lossless_latent
         else:
@@ -173,17 +179,16 @@ def make_plan(
 
     inv_freq, rope_scaling = source_inv_freq(config, d)
     if target == "portable":
-        padded = rope_padding and rope_dim > d and stride == 1
-        if stride < 1 or ((rope_dim // 2 - 1) * stride > d // 2 - 1 and not padded):
+        padded = rope_padding and rope_dim > d and stride == 1 and density == 1
+        if stride < 1 or ((rope_dim // 2 - 1) // density * stride > d // 2 - 1 and not padded):
             raise ConversionError(
                 f"a rotary ladder of {rope_dim // 2} frequencies at stride {stride} overruns the source's {d // 2}"
             )
-        theta = portable_theta(geo.rope_theta, rope_dim, d, stride)
+        theta = portable_theta(geo.rope_theta, rope_dim, d, stride, density)
         slot_freq = ladder(rope_dim, theta)
-        matches = match_ladder(slot_freq, inv_freq)
-        slots: list[Slot] = [None if i is None else (i, 0) for i in matches]
-        # slots past the source's slowest frequency are padding, not loss
-        empty = sum(1 for s in slots[: d // 2] if s is None)
+        slots: list[Slot] = list(near_slots(match_ladder(slot_freq, inv_freq), density, d // 2))
+        # only a slot meant to hold a source frequency exactly can lose one; the others are padding
+        empty = sum(1 for s in slots[: density * d // 2 : density] if s is None)
         if empty:
             warnings.append(
                 f"{empty} of {len(slots)} rotary slots match no source frequency (rope type '{geo.rope_type}'); "
@@ -246,6 +251,7 @@ def make_plan(
         split_reason=split_reason,
         warnings=warnings,
         stride=stride if target == "portable" else 1,
+        density=density,
         engine=engine,
     )
 

@@ -8,7 +8,7 @@ Schema of mla_report.json (version 1):
           license_name, license_link (only with `license: other`), architecture, layers, heads, kv_heads,
           head_dim},
   settings {target, kv_lora_rank (as written, zero padding included), latent_rank (real latent components),
-            qk_rope_head_dim, engine (--engine or null), rope_theta, rotary_stride, dtype, split_reason,
+            qk_rope_head_dim, engine (--engine or null), rope_theta, rotary_stride, rotary_density, dtype, split_reason,
             lossless_kv_rank, rotary_slots [[frequency_index, component] | null]},
   kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer (what engines hold,
             padding included), ratio, original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
@@ -16,7 +16,9 @@ Schema of mla_report.json (version 1):
   gguf {file, type, bytes, kept_float32 [tensor names], warnings} or null without --gguf,
   layers [{index, k_rel_error, v_rel_error, rope_energy_kept, k_act_error, v_act_error, attn_output_error, and
           with --layer-steps: reconstruction_steps, held_out_error_before, held_out_error_after (relative
-          attention-output error on held-out calibration windows around the layer-wise reconstruction)}]
+          attention-output error on held-out calibration windows around the layer-wise reconstruction), and with
+          --query-refit: query_refit_error_before, query_refit_error_after (the same error around the query refit;
+          equal when the refit was undone)}]
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
            rope_energy_kept_min, and with calibration k_act_error_*, v_act_error_*, attn_output_error_* (mean, max)},
@@ -149,6 +151,7 @@ class Report:
                 "engine": plan.engine,
                 "rope_theta": plan.rope_theta,
                 "rotary_stride": plan.stride,
+                "rotary_density": plan.density,
                 "dtype": DTYPE_NAMES[plan.dtype],
                 "split_reason": plan.split_reason,
                 "lossless_kv_rank": plan.full_kv_rank,
@@ -166,6 +169,14 @@ class Report:
                     "k_act_error": layer.k_act_error,
                     "v_act_error": layer.v_act_error,
                     "attn_output_error": layer.attn_output_error,
+                    **(
+                        {}
+                        if layer.query_error_before is None
+                        else {
+                            "query_refit_error_before": layer.query_error_before,
+                            "query_refit_error_after": layer.query_error_after,
+                        }
+                    ),
                     **(
                         {}
                         if layer.reconstruction_steps is None

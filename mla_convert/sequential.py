@@ -57,7 +57,15 @@ def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
 class SequentialCalibrator:
     """Implements convert.Calibrator on token windows ids [count, seq_len]."""
 
-    def __init__(self, source: Source, plan: Plan, ids: torch.Tensor, device: str = "cpu", layer_steps: int = 0):
+    def __init__(
+        self,
+        source: Source,
+        plan: Plan,
+        ids: torch.Tensor,
+        device: str = "cpu",
+        layer_steps: int = 0,
+        query_refit: bool = False,
+    ):
         self.source = SourceLayers(source, device)
         self.config = deepseek_runtime_config(plan, source.config)
         self.lam = plan.residual_scale
@@ -68,6 +76,7 @@ class SequentialCalibrator:
         self._x: torch.Tensor | None = None
         self.refit_output = plan.refit_output
         self.layer_steps = layer_steps
+        self.query_refit = query_refit
 
     @torch.no_grad()
     def covariance(self, index: int) -> torch.Tensor:
@@ -77,13 +86,21 @@ class SequentialCalibrator:
 
     @torch.no_grad()
     def advance(self, index: int, tensors: dict[str, torch.Tensor], stats: LayerStats) -> None:
-        """Refit o_proj to the source attention output on these inputs, optionally reconstruct the layer
-        (--layer-steps), record the errors in stats, then move the stream on."""
+        """Optionally refit the queries (--query-refit), refit o_proj to the source attention output on these
+        inputs, optionally reconstruct the layer (--layer-steps), record the errors in stats, then move the
+        stream on."""
         x = self._x
         assert x is not None
         layer = build_layer(self.config, index, tensors, x.device)
         src_attn = self.source.layer(index).self_attn
         ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
+        prefix = f"model.layers.{index}.self_attn."
+        if self.query_refit and prefix + "q_proj.weight" in tensors:
+            from .query_refit import refit_queries
+
+            refit = refit_queries(layer.self_attn, src_attn, x, self.ds_pos, self.src_pos, ref)
+            stats.query_error_before, stats.query_error_after = refit.before, refit.after
+            tensors[prefix + "q_proj.weight"] = layer.self_attn.q_proj.weight.detach().clone()
         self.source.release(index)
         if self.refit_output:
             refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
@@ -93,7 +110,6 @@ class SequentialCalibrator:
             fit = reconstruct(layer, x, ref, self.ds_pos, self.layer_steps)
             stats.reconstruction_steps = fit.steps
             stats.held_out_error_before, stats.held_out_error_after = fit.before, fit.after
-            prefix = f"model.layers.{index}.self_attn."
             for name, tensor in layer.self_attn.state_dict().items():
                 if prefix + name in tensors:
                     tensors[prefix + name] = tensor.detach().clone()

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-from mla_convert.calibrate import read_texts, split_windows, text_sets, tokenize_windows
+from mla_convert.calibrate import read_texts, split_windows, spread, text_sets, tokenize_windows
 from mla_convert.errors import ConversionError
 from mla_convert.job import Options, run
 from mla_convert.source import resolve
@@ -301,15 +301,21 @@ def test_split_windows_never_overlap() -> None:
                 calib, held, warnings = split_windows(windows, wanted * SEQ + SEQ - 1, SEQ, "data", want_eval)
                 take = calib.ids.shape[0]
                 assert 1 <= take <= wanted
-                assert torch.equal(calib.ids, windows[:take])  # a prefix
                 assert bool(warnings) == (take < wanted)
+                starts = calib.ids[:, 0] // SEQ  # which windows calibration took, in file order
+                assert starts.tolist() == sorted(set(starts.tolist())) and starts[0] == 0
+                assert torch.equal(calib.ids, windows[starts])
                 if not want_eval:
                     assert held is None and take == min(wanted, available)
+                    assert starts[-1] == available - 1 or take == 1  # spread over the whole file
                     continue
                 if available > 1:
                     assert held is not None and take < available  # something is always held out
-                    assert torch.equal(held.ids, windows[take : take + held.ids.shape[0]])  # right after, no gap
-                    assert 1 <= held.ids.shape[0] <= wanted
+                    count = held.ids.shape[0]
+                    assert torch.equal(held.ids, windows[available - count :])  # the file's last windows
+                    assert held.held_span == ((available - count) * SEQ, available * SEQ)
+                    assert 1 <= count <= wanted
+                    assert take == 1 or starts[-1] == available - count - 1  # spread up to the tail
                     assert set(calib.ids.flatten().tolist()).isdisjoint(held.ids.flatten().tolist())
                     assert held.origin == "data (held-out tail)"
                 else:
@@ -324,20 +330,42 @@ def test_text_sets_hold_out_the_tail_of_the_file(text_model: Path, tokenizer: ob
     common = {"calib_tokens": CALIB_TOKENS, "seq_len": SEQ, "column": "text", "seed": 0, "need_eval": True}
 
     sets = text_sets(source, calib_data=str(data), eval_data=None, eval_tokens=EVAL_TOKENS, **common)
-    take = WHOLE // SEQ
-    assert sets.calib.origin == str(data) and torch.equal(sets.calib.ids, windows[:take])
+    take, count = WHOLE // SEQ, windows.shape[0]
+    held = min(take, count - take)
+    assert sets.calib.origin == str(data) and torch.equal(sets.calib.ids, windows[spread(take, count - held)])
     assert sets.evaluation is not None and sets.evaluation.origin == f"{data} (held-out tail)"
-    assert torch.equal(sets.evaluation.ids, windows[take : take + EVAL_TOKENS // SEQ])
+    assert torch.equal(sets.evaluation.ids, windows[count - held :][: EVAL_TOKENS // SEQ])
     calib_rows = {tuple(row) for row in sets.calib.ids.tolist()}
     assert calib_rows.isdisjoint(tuple(row) for row in sets.evaluation.ids.tolist())
     assert sets.notes == []
 
     held = write_txt(tmp_path / "eval.txt", documents(10, seed=4))
     sets = text_sets(source, calib_data=str(data), eval_data=str(held), eval_tokens=EVAL_TOKENS, **common)
-    assert torch.equal(sets.calib.ids, windows[:take])
+    assert torch.equal(sets.calib.ids, windows[spread(take, count)])  # nothing held out: the whole file
     assert sets.evaluation is not None and sets.evaluation.origin == str(held)
     expected = tokenize_windows(read_texts(str(held)), tokenizer, SEQ)[: EVAL_TOKENS // SEQ]
     assert torch.equal(sets.evaluation.ids, expected)
+
+
+def test_a_share_of_the_calibration_text_can_be_sampled_from_the_source(
+    text_model: Path, tokenizer: object, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "calib.jsonl", documents(40, seed=3))
+    windows = tokenize_windows(read_texts(str(data)), tokenizer, SEQ)
+    source = resolve(str(text_model))
+    common = {"calib_tokens": CALIB_TOKENS, "seq_len": SEQ, "column": "text", "seed": 0, "need_eval": True}
+    sets = text_sets(source, calib_data=str(data), eval_data=None, eval_tokens=EVAL_TOKENS, sampled_share=0.2, **common)
+    take, sampled = WHOLE // SEQ, round(0.2 * (WHOLE // SEQ))
+    assert sets.calib.ids.shape == (take, SEQ) and sets.calib.origin == f"{data} and text sampled from the source"
+    file_rows = {tuple(row) for row in windows.tolist()}
+    rows = [tuple(row) for row in sets.calib.ids.tolist()]
+    assert all(row in file_rows for row in rows[: take - sampled])
+    assert not any(row in file_rows for row in rows[take - sampled :])  # generated, not read
+    assert sets.notes == [f"{sampled * SEQ} of the {take * SEQ} calibration tokens are sampled from the source"]
+    # the held-out tail is the one the file gives without sampling: evaluation never changes with the share
+    plain = text_sets(source, calib_data=str(data), eval_data=None, eval_tokens=EVAL_TOKENS, **common)
+    assert sets.evaluation is not None and plain.evaluation is not None
+    assert torch.equal(sets.evaluation.ids, plain.evaluation.ids)
 
 
 def test_jsonl_nulls_are_skipped(tmp_path: Path) -> None:

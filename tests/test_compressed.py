@@ -53,13 +53,16 @@ def test_budget_split_is_measured_and_explained(tiny_models, tmp_path):
     out = tmp_path / "out"
     report = run(str(tiny_models["llama_gqa_tied"]), out, Options(kv_budget=0.5, **QUICK_CALIB))
     plan = report["settings"]
-    rope_dim, stride = plan["qk_rope_head_dim"], plan["rotary_stride"]
+    rope_dim, stride, density = plan["qk_rope_head_dim"], plan["rotary_stride"], plan["rotary_density"]
     assert plan["kv_lora_rank"] + rope_dim == 32
-    # candidates within the budget: rope 8 at stride 1 or 2, or rope 16 (every source frequency)
-    assert (rope_dim, stride) in {(8, 1), (8, 2), (16, 1)}
+    # candidates within the budget: rope 8 at stride 1 or 2, rope 16 (every source frequency), or a
+    # ladder of density 2 (two slots per source frequency) of 8, 16 or 24
+    assert (rope_dim, stride, density) in {(8, 1, 1), (8, 2, 1), (16, 1, 1), (8, 1, 2), (16, 1, 2), (24, 1, 2)}
     reason = json.loads((out / "mla_report.json").read_text())["settings"]["split_reason"]
-    assert "measured on calibration windows" in reason and reason.count("latent") >= 3
-    assert f"chose rope {rope_dim} (stride {stride})" in reason
+    assert "measured on calibration windows" in reason and reason.count("latent") >= 6
+    assert "(density 2)" in reason and "(stride 2)" in reason
+    spacing = f"density {density}" if density > 1 else f"stride {stride}"
+    assert f"chose rope {rope_dim} ({spacing})" in reason
     data = json.loads((out / "mla_report.json").read_text())
     assert data["calibration"]["method"] == "activation" and data["calibration"]["tokens"] == 1024
     assert data["evaluation"]["perplexity_ratio"] > 0 and 0 <= data["evaluation"]["top1_agreement"] <= 1

@@ -53,6 +53,7 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         (("--engine", "vllm", "--kv-budget", "0.25"), "--engine vllm holds 576"),
         (("--gguf", "f16"), "'f16' is not one of"),
         (("--kv-budget", "0.5", "--kv-rank", "8"), "pass either the budget or ranks"),
+        (("--calib-sampled", "1"), "--calib-sampled must be a share, 0 <= F < 1"),
     ],
 )
 def test_flag_errors_arrive_before_any_weight_is_read(cli, tiny_llama, tmp_path, no_weights, flags, fragment) -> None:

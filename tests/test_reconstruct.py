@@ -79,15 +79,16 @@ def test_layer_steps_need_calibration_text(cli, tiny_llama, tmp_path) -> None:
 
 
 def test_an_explicit_rope_dim_has_its_ladder_measured(tiny_models, tmp_path) -> None:
-    """A width the user fixes is still placed on the source frequencies that measure best (stride 1 or 2)."""
+    """A width the user fixes is still placed on the source frequencies that measure best (stride 1 or 2,
+    or two slots per source frequency)."""
     from mla_convert.hooks import Hooks
 
     stages: list[str] = []
     hooks = Hooks(on_stage=lambda text, total=None: stages.append(text))
     options = Options(kv_rank=12, rope_dim=4, verify=False, **QUICK_CALIB)
     report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / "out", options, hooks)
-    assert any(text.startswith("measuring 2 rotary ladders for --rope-dim 4") for text in stages), stages
+    assert any(text.startswith("measuring 3 rotary ladders for --rope-dim 4") for text in stages), stages
     reason = report["settings"]["split_reason"]
     assert reason.startswith("ranks given on the command line; measured on calibration windows")
-    assert "stride 1" in reason and "stride 2" in reason
-    assert report["settings"]["rotary_stride"] in (1, 2)
+    assert "stride 1" in reason and "stride 2" in reason and "density 2" in reason
+    assert (report["settings"]["rotary_stride"], report["settings"]["rotary_density"]) in {(1, 1), (2, 1), (1, 2)}

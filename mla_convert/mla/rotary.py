@@ -39,9 +39,42 @@ def ladder(rope_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
 
 
-def portable_theta(source_theta: float, rope_dim: int, head_dim: int, stride: int = 1) -> float:
-    """The rope_theta whose ladder of rope_dim/2 frequencies is every stride-th source frequency."""
-    return source_theta ** (stride * rope_dim / head_dim)
+def portable_theta(source_theta: float, rope_dim: int, head_dim: int, stride: int = 1, density: int = 1) -> float:
+    """The rope_theta whose ladder of rope_dim/2 frequencies is every stride-th source frequency, or with
+    density > 1 every source frequency followed by density - 1 slots spaced evenly (in log frequency)
+    before the next one."""
+    return source_theta ** (stride * rope_dim / (head_dim * density))
+
+
+def near_slots(exact: list[int | None], density: int, freqs: int) -> list[tuple[int, int] | None]:
+    """Slots of a ladder with `density` slots per source frequency step.
+
+    Slot density*j holds source frequency j's first mixed component exactly. The slots between j and
+    j + 1 (in log frequency) hold further components of the nearer of the two: those in the first half
+    components 1, 2, ... of j, those in the second half the next ones of j + 1. Such a component rotates
+    a fraction of a step too slowly or too fast instead of not rotating at all. A component left over
+    takes a spare slot past the slowest frequency, where it barely rotates (as it would not in the latent),
+    so every slot is used and the latent stays as narrow as the slots allow.
+    """
+    half = density // 2
+    slots: list[tuple[int, int] | None] = []
+    for k, match in enumerate(exact):
+        j, r = divmod(k, density)
+        if match is not None:
+            slot: tuple[int, int] | None = (match, 0)
+        elif density == 1 or j >= freqs:
+            slot = None
+        elif r <= half or j + 1 >= freqs:
+            slot = (j, r)
+        else:
+            slot = (j + 1, half + density - r)
+        slots.append(None if slot in slots else slot)  # past the slowest frequency: already placed
+    if density > 1:  # a component left without a near slot (the fastest frequency's last) takes a spare one
+        spare = [k for k, slot in enumerate(slots) if slot is None and k // density < freqs]
+        left = [(j, r) for j in range(freqs) for r in range(1, density) if (j, r) not in slots]
+        for k, component in zip(spare, left, strict=False):
+            slots[k] = component
+    return slots
 
 
 def match_ladder(target: torch.Tensor, source: torch.Tensor, rel_tol: float = 1e-4) -> list[int | None]:
