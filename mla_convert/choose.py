@@ -85,7 +85,7 @@ def budget_candidates(
 
 def stride_candidates(make: Callable[..., Plan], rope_dim: int, kv_rank: int, head_dim: int) -> list[Plan]:
     """A rotary key of fixed width over every ladder stride the source's frequencies allow (at least stride 1)."""
-    plans = [make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1)]
+    plans = [make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1)]  # wider than head_dim: already dense
     for stride in STRIDES[1:]:
         if (rope_dim // 2 - 1) * stride <= head_dim // 2 - 1:
             try:
@@ -93,10 +93,11 @@ def stride_candidates(make: Callable[..., Plan], rope_dim: int, kv_rank: int, he
             except ConversionError:  # e.g. a latent wider than this ladder's lossless rank
                 continue
     for density in DENSITIES:
-        try:
-            plans.append(make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1, density=density))
-        except ConversionError:
-            continue
+        if density > plans[0].density:
+            try:
+                plans.append(make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1, density=density))
+            except ConversionError:
+                continue
     return plans
 
 

@@ -146,6 +146,15 @@ def make_plan(
     d, kv = geo.head_dim, geo.kv_heads
     if d % 2:
         raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
+    if target == "portable" and rope_dim is not None and rope_dim > d and density == 1 and not rope_padding:
+        density = -(-rope_dim // d)  # a rotary key wider than head_dim is a dense ladder
+        if density > kv:
+            raise ConversionError(
+                f"--rope-dim {rope_dim} is wider than the portable profile can fill: at most {kv * d} ({kv} KV heads "
+                f"of {d}, each source frequency holding up to {kv} components)"
+            )
+        if stride != 1:
+            raise ConversionError(f"a rotary key of {rope_dim} (wider than head_dim {d}) needs ladder stride 1")
     if density < 1 or (density > 1 and (target != "portable" or stride != 1 or density > kv)):
         raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
     max_rope = density * d if target == "portable" else kv * d

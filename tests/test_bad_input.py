@@ -294,7 +294,7 @@ FLAG_CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("kv-rank-above-lossless", ("--kv-rank", "100000"), ("--kv-rank must be between 1 and 48", "got 100000")),
     ("rope-dim-0", ("--rope-dim", "0"), ("--rope-dim must be a positive even number, got 0",)),
     ("rope-dim-odd", ("--rope-dim", "3"), ("--rope-dim must be a positive even number, got 3",)),
-    ("rope-dim-above-lossless", ("--rope-dim", "4096"), ("--rope-dim 4096 is larger than the lossless width 16",)),
+    ("rope-dim-above-lossless", ("--rope-dim", "4096"), ("--rope-dim 4096 is wider than the portable profile",)),
     ("kv-budget-0", ("--kv-budget", "0"), ("--kv-budget must be in (0, 1]",)),
     ("kv-budget-above-1", ("--kv-budget", "1.5"), ("--kv-budget must be in (0, 1]", "1.5")),
     ("kv-budget-too-small", ("--kv-budget", "0.0001"), ("--kv-budget 0.0001", "smallest usable budget")),

@@ -50,11 +50,17 @@ def test_auto_dtype_keeps_bfloat16_and_maps_float16_to_bfloat16():
     assert make_plan(LlamaConfig(**SMOLLM2, dtype="float16")).dtype == torch.bfloat16
 
 
+def test_a_portable_rotary_key_wider_than_head_dim_is_a_dense_ladder():
+    plan = make_plan(LlamaConfig(**SMOLLM2), rope_dim=128)
+    assert plan.density == 2 and plan.rope_dim == 128 and plan.full_kv_rank == 256
+    assert plan.slots[::2] == [(j, 0) for j in range(32)] and plan.slots[1::2] == [(j, 1) for j in range(32)]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
         ({"kv_rank": 321}, "between 1 and 320"),
-        ({"rope_dim": 66}, "larger than the lossless width 64"),
+        ({"rope_dim": 194}, "wider than the portable profile can fill: at most 192"),
         ({"rope_dim": 200, "target": "transformers"}, "larger than the lossless width 192"),
         ({"kv_budget": 0.005}, "too few"),
         ({"target": "vllm"}, "--target must be one of"),
