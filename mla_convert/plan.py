@@ -142,7 +142,7 @@ def make_plan(
     check_ranks(kv_budget, kv_rank, rope_dim)
     geo = geometry_of(config)
     if engine is not None:
-        return _engine_plan(config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride)
+        return _engine_plan(config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride, density)
     d, kv = geo.head_dim, geo.kv_heads
     if d % 2:
         raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
@@ -275,6 +275,7 @@ def _engine_plan(
     kv_budget: float | None,
     dtype: str,
     stride: int,
+    density: int = 1,
 ) -> Plan:
     """Widths an engine's kernels run (vLLM: latent 512 + rotary 64), the latent holding as many real
     components as the source has (up to 512) or as kv_rank says, zeros beyond."""
@@ -289,7 +290,14 @@ def _engine_plan(
                 f"{kv_budget} allows {allowed} of this model's {geo.kv_elements}; to resolve, drop --kv-budget "
                 f"(the vLLM cache is then {width / geo.kv_elements:.2f}x the source's) or drop --engine vllm"
             )
-    fixed = {"target": target, "rope_dim": VLLM_ROPE, "dtype": dtype, "stride": stride, "rope_padding": True}
+    fixed = {
+        "target": target,
+        "rope_dim": VLLM_ROPE,
+        "dtype": dtype,
+        "stride": stride,
+        "rope_padding": True,
+        "density": density,
+    }
     if kv_rank is None:
         kv_rank = min(make_plan(config, **fixed).full_kv_rank, VLLM_LATENT)
     plan = make_plan(config, kv_rank=kv_rank, **fixed)

@@ -76,3 +76,12 @@ def test_dense_ladders_cut_the_full_size_attention_error(tmp_path) -> None:
     errors = [scored.error for scored in score_candidates(source, candidates, ids)]
     # measured 0.076 / 0.070 / 0.061 here; SmolLM2's closer frequencies gain more (docs/results.md)
     assert errors[2] < errors[1] < errors[0] and errors[2] < 0.9 * errors[0], errors
+
+
+def test_the_vllm_layout_can_hold_a_dense_ladder() -> None:
+    """--engine vllm fixes the rotary key at 64; a denser ladder there is one of the measured candidates."""
+    from .test_plan import SMOLLM2
+
+    plan = make_plan(LlamaConfig(**SMOLLM2), engine="vllm", density=2)
+    assert (plan.rope_dim, plan.latent_width, plan.density) == (64, 512, 2)
+    assert plan.slots[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)] and plan.kv_rank == plan.full_kv_rank == 320
