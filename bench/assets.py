@@ -4,6 +4,9 @@
   repeated runs skip GGUF decoding).
 - Held-out English prose: the Lee news corpus (`lee_background.cor`, ABC news articles) shipped in the
   `gensim` wheel's test data.
+- Held-out informal text from a third domain: Usenet posts (the 20 Newsgroups sample `mini_newsgroup` in the
+  same wheel's test data, a protocol-0 pickle whose strings are read out with a regular expression, never
+  unpickled; headers dropped).
 - Calibration text: technical documentation, namely the docstrings of Python's standard library
   (unrelated to the evaluation prose, and the same on every machine with the same Python).
 """
@@ -14,9 +17,11 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 CACHE = Path(os.environ.get("MLA_CONVERT_CACHE", Path.home() / ".cache" / "mla-convert"))
@@ -94,9 +99,18 @@ def technical_docs() -> Path:
     return target
 
 
-if __name__ == "__main__":
-    for fn in (smollm2_gguf, smollm2_dir, english_prose, technical_docs):
-        print(fn.__name__, fn())
+def newsgroup_posts() -> Path:
+    """The bodies of the Usenet posts in gensim's 20 Newsgroups sample, one after another."""
+    target = CACHE / "texts" / "newsgroup_posts.txt"
+    if target.is_file():
+        return target
+    wheel = _pip_download(GENSIM_WHEEL, CACHE / "texts")
+    with zipfile.ZipFile(wheel) as archive:
+        data = zlib.decompress(archive.read("gensim/test/test_data/mini_newsgroup"))
+    posts = [m.decode("raw_unicode_escape") for m in re.findall(rb"(?:lp6\n|\na)V(.*?)\np\d+\n", data, re.S)]
+    bodies = [post.split("\n\n", 1)[1].strip() for post in posts if "Subject:" in post and "\n\n" in post]
+    target.write_text("\n\n".join(bodies) + "\n")
+    return target
 
 
 def english_prose_split(eval_docs: int = 60) -> tuple[Path, Path]:
@@ -109,3 +123,8 @@ def english_prose_split(eval_docs: int = 60) -> tuple[Path, Path]:
         train.write_text("\n".join(docs[:-eval_docs]) + "\n")
         held.write_text("\n".join(docs[-eval_docs:]) + "\n")
     return train, held
+
+
+if __name__ == "__main__":
+    for fn in (smollm2_gguf, smollm2_dir, english_prose, technical_docs, newsgroup_posts):
+        print(fn.__name__, fn())
