@@ -184,7 +184,12 @@ def conversion_section(r: dict[str, Any]) -> str:
         f"worst {summary['k_rel_error_max']:.2e}",
         f"- Value reconstruction error: mean {summary['v_rel_error_mean']:.2e}, worst {summary['v_rel_error_max']:.2e}",
         f"- Rotary key energy that still rotates: mean {summary['rope_energy_kept_mean']:.1%}, "
-        f"lowest {summary['rope_energy_kept_min']:.1%}",
+        f"lowest {summary['rope_energy_kept_min']:.1%}"
+        + (
+            f" ({summary['rope_energy_near_mean']:.1%} on near-frequency slots, rotating slightly off)"
+            if summary.get("rope_energy_near_mean")
+            else ""
+        ),
     ]
     if r.get("calibration"):
         c = r["calibration"]

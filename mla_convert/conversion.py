@@ -32,8 +32,9 @@ class LayerStats:
     index: int
     k_rel_error: float  # weights, relative Frobenius
     v_rel_error: float
-    rope_energy_kept: float
+    rope_energy_kept: float  # share of rotary energy that still rotates (exactly, or on a near slot)
     latent_scale: float
+    rope_energy_near: float = 0.0  # ... of which on near-frequency slots of a dense ladder
     k_act_error: float | None = None  # on calibration activations
     v_act_error: float | None = None
     attn_output_error: float | None = None  # converted vs source attention output, same inputs
@@ -158,12 +159,21 @@ def layer_tensors(
         v_rel_error=relative_error(form.kv[rows:], rec[rows:]),
         rope_energy_kept=form.rope_energy_kept,
         latent_scale=attn.latent_scale,
+        rope_energy_near=near_energy(plan, form.rope_energy),
     )
     if cov is not None:
         # The rotary slots are exact, so the key map's error is that of its no-rope part.
         stats.k_act_error = activation_error(src.k, src.k - (form.kv[:rows] - rec[:rows]), cov)
         stats.v_act_error = activation_error(form.kv[rows:], rec[rows:], cov)
     return tensors, stats
+
+
+def near_energy(plan: Plan, energy: torch.Tensor) -> float:
+    """Share of the rotary energy on a dense ladder's near-frequency slots (rotating slightly off)."""
+    total = float(energy.sum())
+    if plan.density == 1 or total <= 0:
+        return 0.0
+    return sum(float(energy[s[0], s[1]]) for s in plan.slots if s is not None and s[1] > 0) / total
 
 
 def scaled(tensor: torch.Tensor, factor: float, dtype: torch.dtype, in_place: bool = False) -> torch.Tensor:

@@ -14,14 +14,16 @@ Schema of mla_report.json (version 1):
             padding included), ratio, original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
   engines [{engine, status (serves | computes wrongly | refuses | untested), detail}],
   gguf {file, type, bytes, kept_float32 [tensor names], warnings} or null without --gguf,
-  layers [{index, k_rel_error, v_rel_error, rope_energy_kept, k_act_error, v_act_error, attn_output_error, and
+  layers [{index, k_rel_error, v_rel_error, rope_energy_kept, rope_energy_near (the part of it on a dense ladder's
+          near-frequency slots), k_act_error, v_act_error, attn_output_error, and
           with --layer-steps: reconstruction_steps, held_out_error_before, held_out_error_after (relative
           attention-output error on held-out calibration windows around the layer-wise reconstruction), and with
           --query-refit: query_refit_error_before, query_refit_error_after (the same error around the query refit;
           equal when the refit was undone)}]
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
-           rope_energy_kept_min, and with calibration k_act_error_*, v_act_error_*, attn_output_error_* (mean, max)},
+           rope_energy_kept_min, rope_energy_near_mean, and with calibration k_act_error_*, v_act_error_*,
+           attn_output_error_* (mean, max)},
   calibration {method, source, tokens} or null,
   evaluation (one-shot, before any fine-tune) {text, tokens, source_perplexity, converted_perplexity,
               perplexity_ratio, kl_to_source, top1_agreement} or null,
@@ -122,6 +124,7 @@ class Report:
             "v_rel_error_max": stat("v_rel_error", max),
             "rope_energy_kept_mean": stat("rope_energy_kept", mean),
             "rope_energy_kept_min": stat("rope_energy_kept", min),
+            "rope_energy_near_mean": stat("rope_energy_near", mean),
         }
         if self.calibrated:
             for key in ("k_act_error", "v_act_error", "attn_output_error"):
@@ -166,6 +169,7 @@ class Report:
                     "k_rel_error": layer.k_rel_error,
                     "v_rel_error": layer.v_rel_error,
                     "rope_energy_kept": layer.rope_energy_kept,
+                    "rope_energy_near": layer.rope_energy_near,
                     "k_act_error": layer.k_act_error,
                     "v_act_error": layer.v_act_error,
                     "attn_output_error": layer.attn_output_error,

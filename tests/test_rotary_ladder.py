@@ -85,3 +85,15 @@ def test_the_vllm_layout_can_hold_a_dense_ladder() -> None:
     plan = make_plan(LlamaConfig(**SMOLLM2), engine="vllm", density=2)
     assert (plan.rope_dim, plan.latent_width, plan.density) == (64, 512, 2)
     assert plan.slots[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)] and plan.kv_rank == plan.full_kv_rank == 320
+
+
+def test_the_report_and_card_say_how_much_rotary_energy_sits_on_near_slots(tmp_path) -> None:
+    from mla_convert.job import run
+
+    build_tiny(WIDE).save_pretrained(tmp_path / "wide")
+    options = Options(method="svd", rope_dim=64, finetune_steps=0, validate=False, verify=False)
+    report = run(str(tmp_path / "wide"), tmp_path / "out", options)
+    assert report["settings"]["rotary_density"] == 2
+    for layer in report["layers"]:
+        assert 0 < layer["rope_energy_near"] < layer["rope_energy_kept"] <= 1 + 1e-9
+    assert "on near-frequency slots, rotating slightly off" in (tmp_path / "out" / "README.md").read_text()
