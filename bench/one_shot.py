@@ -50,7 +50,7 @@ def convert(
     report = json.loads((out / "mla_report.json").read_text())
     if finetune:  # the figures of the written (fine-tuned) model, from the validation pass
         final = next(m for m in report["validation"]["models"] if m["model"] == "fine-tuned")
-        report["evaluation"] = {**report["evaluation"], **final}
+        report["evaluation"] = {**(report["evaluation"] or {}), **final}
     return report, seconds
 
 
