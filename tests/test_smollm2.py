@@ -74,9 +74,15 @@ def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, c
 def test_portable_profile_reports_smollm2_rotary_loss(smollm2, converted):
     out = converted(smollm2[3], "portable", "--no-verify", *CALIB)
     report = json.loads((out / "mla_report.json").read_text())
-    assert report["settings"]["target"] == "portable" and report["settings"]["qk_rope_head_dim"] == 64
+    settings = report["settings"]
+    # full size measures the plain ladder (rope 64) against dense ones (128, 192) at the same cache
+    assert settings["target"] == "portable" and settings["qk_rope_head_dim"] == 64 * settings["rotary_density"]
+    assert "rope 64 (stride 1)" in settings["split_reason"] and "(density 3)" in settings["split_reason"]
     kept = [layer["rope_energy_kept"] for layer in report["layers"]]
-    assert len(kept) == 30 and all(0.0 < k < 1.0 for k in kept)  # 3 independent KV heads, one rotary key
+    near = [layer["rope_energy_near"] for layer in report["layers"]]
+    assert len(kept) == 30 and all(0.0 < k <= 1.0 + 1e-9 for k in kept)
+    # 3 independent KV heads: only a dense ladder gives their further components a (near) slot
+    assert all((n > 0.0) == (settings["rotary_density"] > 1) for n in near)
     assert report["kv_cache"]["ratio"] == 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 1.0
