@@ -90,7 +90,7 @@ def refit_queries(
         keys = queries_and_keys(attn, fit, pos)[1].detach()
     norm = wanted.square().sum().clamp_min(1e-30)
     weight = attn.q_proj.weight
-    stored = weight.detach().clone()
+    stored, trainable = weight.detach().clone(), weight.requires_grad
 
     def loss_now() -> torch.Tensor:
         got = logits(queries_and_keys(attn, fit, pos)[0], keys, attn.scaling)
@@ -109,7 +109,7 @@ def refit_queries(
 
     with torch.enable_grad():
         optimizer.step(closure)
-    weight.requires_grad_(False)
+    weight.requires_grad_(trainable)  # as it was: --layer-steps trains it next
     weight.grad = None
     with torch.no_grad():
         end = float(loss_now())

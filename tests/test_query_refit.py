@@ -81,3 +81,10 @@ def test_a_compressed_conversion_refits_the_queries_and_reports_each_layer(tiny_
     report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / "out", Options(kv_rank=8, verify=False, **QUICK_CALIB))
     for layer in report["layers"]:
         assert layer["query_refit_error_after"] <= layer["query_refit_error_before"]
+
+
+def test_query_refit_leaves_the_query_map_trainable_for_the_layer_wise_steps(tiny_models) -> None:
+    attn, src_attn, x, pos, src_pos, target = layer_zero(tiny_models["llama_gqa_tied"], kv_rank=8, rope_dim=4)
+    assert attn.q_proj.weight.requires_grad
+    refit_queries(attn, src_attn, x, pos, src_pos, target)
+    assert attn.q_proj.weight.requires_grad and attn.q_proj.weight.grad is None
