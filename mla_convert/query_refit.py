@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from .sequential import batched, relative
+from .sequential import HELD_SHARE, attention_error
 
 CAPTURE = "mla_convert_capture"
-HELD_SHARE = 8  # one window in this many is held out (at least one), as in reconstruct.py
 FIT_WINDOWS = 6  # windows the logits are fitted on (cost and memory: windows * heads * seq_len^2 logits)
 _captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -78,7 +77,7 @@ def refit_queries(
 ) -> QueryRefit:
     """Refit attn.q_proj in place (see module docstring); target is the source attention output on x."""
     held = max(1, x.shape[0] // HELD_SHARE)
-    before = _error(attn, x[-held:], target[-held:], pos)
+    before = attention_error(attn, x[-held:], target[-held:], pos)
     if x.shape[0] <= held:
         return QueryRefit(before, before, float("nan"), float("nan"))
     fit = x[:-held][:FIT_WINDOWS]
@@ -113,14 +112,9 @@ def refit_queries(
     weight.grad = None
     with torch.no_grad():
         end = float(loss_now())
-    after = _error(attn, x[-held:], target[-held:], pos)
+    after = attention_error(attn, x[-held:], target[-held:], pos)
     if not after < before:  # no held-out gain: the closed form stays, bit for bit
         with torch.no_grad():
             weight.copy_(stored)
         return QueryRefit(before, before, start**0.5, start**0.5)
     return QueryRefit(before, after, start**0.5, end**0.5)
-
-
-@torch.no_grad()
-def _error(attn: Any, x: torch.Tensor, target: torch.Tensor, pos: Any) -> float:
-    return relative(batched(lambda t: attn(t, pos, None)[0], x), target)

@@ -16,10 +16,9 @@ from typing import Any
 import torch
 
 from .natural_scale import fold_layer, natural_attention, plain_attention
-from .sequential import batched, relative
+from .sequential import HELD_SHARE, attention_error
 from .train import FROZEN, relative_groups
 
-HELD_SHARE = 8  # one window in this many is held out for early stopping (at least one)
 EVAL_EVERY = 25  # steps between held-out checks
 PATIENCE = 3  # checks without improvement before stopping
 MIN_GAIN = 1e-3  # a relative improvement below this counts as none
@@ -41,10 +40,10 @@ def reconstruct(
     attn = layer.self_attn
     held = max(1, x.shape[0] // HELD_SHARE)
     if steps <= 0 or x.shape[0] <= held:
-        error = _error(attn, x, target, pos)
+        error = attention_error(attn, x, target, pos)
         return Reconstruction(error, error, 0)
     fit_x, fit_t, held_x, held_t = x[:-held], target[:-held], x[-held:], target[-held:]
-    before = _error(attn, held_x, held_t, pos)
+    before = attention_error(attn, held_x, held_t, pos)
     stored = {name: t.clone() for name, t in attn.state_dict().items()}
     natural_attention(attn)
     params = [p for name, p in attn.named_parameters() if not any(f"{frozen}." in name for frozen in FROZEN)]
@@ -63,7 +62,7 @@ def reconstruct(
             taken = step
             if step % EVAL_EVERY and step != steps:
                 continue
-            error = _error(attn, held_x, held_t, pos)
+            error = attention_error(attn, held_x, held_t, pos)
             if error < best * (1 - MIN_GAIN):
                 best, stalls = error, 0
                 best_state = {name: p.detach().clone() for name, p in attn.named_parameters()}
@@ -79,9 +78,4 @@ def reconstruct(
         for name, p in attn.named_parameters():
             p.copy_(best_state[name])
     fold_layer(layer)
-    return Reconstruction(before, _error(attn, held_x, held_t, pos), taken)
-
-
-@torch.no_grad()
-def _error(attn: Any, x: torch.Tensor, target: torch.Tensor, pos: Any) -> float:
-    return relative(batched(lambda t: attn(t, pos, None)[0], x), target)
+    return Reconstruction(before, attention_error(attn, held_x, held_t, pos), taken)

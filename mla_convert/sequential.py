@@ -54,6 +54,15 @@ def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+HELD_SHARE = 8  # query refit and layer-wise steps hold out one calibration window in this many (at least one)
+
+
+@torch.no_grad()
+def attention_error(attn: Any, x: torch.Tensor, target: torch.Tensor, pos: Any) -> float:
+    """Relative error of an attention module's output on inputs x against target."""
+    return relative(batched(lambda t: attn(t, pos, None)[0], x), target)
+
+
 class SequentialCalibrator:
     """Implements convert.Calibrator on token windows ids [count, seq_len]."""
 
