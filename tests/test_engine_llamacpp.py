@@ -46,6 +46,7 @@ SENTENCES = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
 ]
 FAST = {"method": "svd", "finetune_steps": 0, "validate": False, "verify": False}
+DENSE = "SmolLM2 --rope-dim 192"
 
 
 def _prompts(tokenizer_dir: Path, count: int = 5, length: int = 64) -> list[list[int]]:
@@ -64,6 +65,8 @@ def checkpoints(tmp_path_factory, smollm2_hf) -> dict[str, tuple[Path, list[list
         "tiny 16/8": (str(root / "engine-sized"), Options(**FAST)),
         "SmolLM2": (str(smollm2_hf), Options(**FAST)),
         "SmolLM2 --kv-rank 128": (str(smollm2_hf), Options(kv_rank=128, **FAST)),
+        # a dense rotary ladder: 3 slots per source frequency (192 wide), rope_theta 100000^(1/3)
+        DENSE: (str(smollm2_hf), Options(rope_dim=192, **FAST)),
     }
     out = {}
     for name, (model_in, options) in cases.items():
@@ -79,7 +82,7 @@ def _gguf_runs(checkpoints, smollm2_gguf) -> dict[tuple[str, str, str], dict]:
     """Every GGUF to run: (checkpoint name, type, options) -> probe run."""
     runs = {}
     for name, (path, prompts) in checkpoints.items():
-        for quant in gguf_export.GGUF_TYPES:
+        for quant in ("f32",) if name == DENSE else gguf_export.GGUF_TYPES:
             lent = smollm2_gguf if name == "SmolLM2" and quant == "f32" else None  # as the CLI does for a .gguf input
             out = path / f"model-{quant}.gguf"
             write_gguf(path, out, quant=quant, tokenizer_gguf=lent)
@@ -139,7 +142,7 @@ def _agreement(results, references, key) -> runtime.Agreement:
     return runtime.agreement(result, references[key[0]])
 
 
-@pytest.mark.parametrize("name", ["tiny 16/8", "SmolLM2", "SmolLM2 --kv-rank 128"])
+@pytest.mark.parametrize("name", ["tiny 16/8", "SmolLM2", "SmolLM2 --kv-rank 128", DENSE])
 def test_f32_gguf_computes_what_transformers_computes(name, results, references):
     agreement = _agreement(results, references, (name, "f32", "f32 cache"))
     assert agreement.max_abs_logprob_diff <= TOLERANCE, agreement
@@ -180,3 +183,12 @@ def test_llama_cpp_tokenizes_as_transformers(source, results, checkpoints):
     result = results[("SmolLM2", source, "tokenize")]
     assert "error" not in result, result["error"]
     assert result["tokens"] == expected
+
+
+def test_a_dense_ladder_is_what_ran(checkpoints):
+    """The dense case above really is one: 3 slots per frequency, each source frequency exact on every third."""
+    config = json.loads((checkpoints[DENSE][0] / "config.json").read_text())
+    report = json.loads((checkpoints[DENSE][0] / "mla_report.json").read_text())
+    assert report["settings"]["rotary_density"] == 3
+    assert config["qk_rope_head_dim"] == 192
+    assert report["summary"]["rope_energy_near_mean"] > 0  # the near slots carry rotary energy

@@ -104,3 +104,11 @@ def test_the_predicted_verdicts_are_what_vllm_does(checkpoints, engine_results):
     assert "Head dimension 384 is not supported by MLA" in error
     report = json.loads((checkpoints["SmolLM2 default width"][0] / "mla_report.json").read_text())
     assert any(w.startswith("vLLM refuses") for w in report["warnings"])  # never written silently
+
+
+def test_a_dense_ladder_is_among_what_ran(checkpoints):
+    """The calibrated SmolLM2 case measures its ladders and takes a dense one (2 slots per frequency, the
+    rotary key 64 wide): vLLM computing it exactly (above) is the engine proof for dense ladders."""
+    report = json.loads((checkpoints["SmolLM2 --engine vllm --kv-rank 128"][0] / "mla_report.json").read_text())
+    assert report["settings"]["rotary_density"] == 2, report["settings"]
+    assert report["summary"]["rope_energy_near_mean"] > 0
