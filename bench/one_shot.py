@@ -31,21 +31,23 @@ SEQ_LEN = 256
 
 def convert(
     model: Path, out: Path, width: str, method: str, target: str, calib: Path, prose: Path, tokens: int,
-    steps: int, refit: bool, finetune: int, extra: list[str],
+    steps: int, refit: bool, finetune: int, extra: list[str], natural: bool = False,
 ):  # fmt: skip
+    tool = [str(Path(__file__).parent / "natural_norm_cli.py")] if natural else ["-m", "mla_convert.cli"]
+    env = {**os.environ, "TQDM_DISABLE": "1"} | ({"MLA_NATURAL_STEPS": str(steps)} if natural else {})
     cmd = [
-        sys.executable, "-m", "mla_convert.cli", str(model), str(out), "--force", "-q", "--no-verify",
+        sys.executable, *tool, str(model), str(out), "--force", "-q", "--no-verify",
         "--method", method, "--target", target, "--finetune-steps", str(finetune),
         "--calib-data", str(calib), "--calib-tokens", str(tokens), "--eval-data", str(prose),
         "--eval-tokens", str(EVAL_TOKENS), "--calib-seq-len", str(SEQ_LEN),
     ]  # fmt: skip
     cmd += ["--engine", "vllm"] if width == "vllm" else ["--kv-budget", width]
-    if steps:
-        cmd += ["--layer-steps", str(steps)]
+    if steps or natural:  # the natural regime is entered where the layer-wise steps run
+        cmd += ["--layer-steps", str(max(steps, 1))]
     cmd += ["--query-refit" if refit else "--no-query-refit"]
     cmd += extra
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    subprocess.run(cmd, check=True, env=env)
     seconds = time.perf_counter() - start
     report = json.loads((out / "mla_report.json").read_text())
     if finetune:  # the figures of the written (fine-tuned) model, from the validation pass
@@ -69,6 +71,17 @@ def second_domain(model: Path, out: Path, text: Path) -> dict:
     return compare(source, converted, ids).as_dict()
 
 
+def head_of(text: Path, model: Path, tokens: int, out: Path) -> Path:
+    """The text's opening `tokens` tokens (and one window more), cut at a token boundary: spreading the
+    windows over this file takes the contiguous opening windows that versions before the spread read."""
+    from transformers import AutoTokenizer
+
+    full = text.read_text()
+    offsets = AutoTokenizer.from_pretrained(str(model))(full, return_offsets_mapping=True)["offset_mapping"]
+    out.write_text(full[: offsets[tokens + SEQ_LEN - 1][1]])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", default=["0.5", "0.25", "0.125"], help="KV budgets, or 'vllm'")
@@ -79,11 +92,23 @@ def main() -> None:
     parser.add_argument("--refit", nargs="+", choices=["off", "on"], default=["off"], help="--query-refit or not")
     parser.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps (0: one-shot)")
     parser.add_argument("--extra", default="", help="more mla-convert flags for every row, e.g. '--calib-sampled 0.25'")
+    parser.add_argument(
+        "--calib-head",
+        action="store_true",
+        help="calibrate on the file's opening calib-tokens only (contiguous windows), not windows spread over it",
+    )
+    parser.add_argument(
+        "--natural-norm",
+        action="store_true",
+        help="the latent norm in its ordinary regime (bench/natural_norm_cli.py), trained by the layer steps",
+    )
     parser.add_argument("--tag", default="", help="suffix of the output folders (to keep variants apart)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     model, prose, posts, calib = smollm2_dir(), english_prose(), newsgroup_posts(), technical_docs()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.calib_head:
+        calib = head_of(calib, model, args.calib_tokens, args.out / "calib-head.txt")
     rows = []
     header = (
         "| width | target | method | query refit | layer steps | latent + rope (ladder) | news ppl ratio | news KL | "
@@ -112,6 +137,7 @@ def main() -> None:
                             refit == "on",
                             args.finetune_steps,
                             args.extra.split(),
+                            natural=args.natural_norm,
                         )
                         e, s = report["evaluation"], report["settings"]
                         p = second_domain(model, out, posts)

@@ -99,3 +99,23 @@ def fold_layer(layer: Any) -> None:
             proj.bias[:rank] = (s * natural["bias"][:rank]).to(proj.bias.dtype)
             proj.bias[rank:] = natural["bias"][rank:].to(proj.bias.dtype)
         attn.kv_a_layernorm.weight.fill_(root_eps / s)
+
+
+@torch.no_grad()
+def to_natural_norm(attn: Any, x: torch.Tensor) -> None:
+    """Leave the epsilon regime: store the natural latent map and give the norm the latent's mean RMS over
+    x as its gain, so the norm divides each token by its own RMS as DeepSeek trains it. Not exact (the
+    per-token rescaling reaches the keys and values); measured as an alternative in
+    bench/natural_norm_cli.py (issue 12, item 5), not a conversion option."""
+    norm, proj = attn.kv_a_layernorm, attn.kv_a_proj_with_mqa
+    rank = norm.weight.numel()
+    factor = norm.weight.double()[:, None] / math.sqrt(norm.variance_epsilon)  # stored * factor = natural
+    natural = proj.weight[:rank].double() * factor
+    flat = x.reshape(-1, x.shape[-1]).double()
+    latent = flat @ natural.T
+    if proj.bias is not None:
+        bias = proj.bias[:rank].double() * factor[:, 0]
+        latent = latent + bias
+        proj.bias[:rank] = bias.to(proj.bias.dtype)
+    proj.weight[:rank] = natural.to(proj.weight.dtype)
+    norm.weight.fill_(float(latent.pow(2).mean(-1).sqrt().mean()))

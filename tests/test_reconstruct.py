@@ -92,3 +92,25 @@ def test_an_explicit_rope_dim_has_its_ladder_measured(tiny_models, tmp_path) -> 
     assert reason.startswith("ranks given on the command line; measured on calibration windows")
     assert "stride 1" in reason and "stride 2" in reason and "density 2" in reason
     assert (report["settings"]["rotary_stride"], report["settings"]["rotary_density"]) in {(1, 1), (2, 1), (1, 2)}
+
+
+def test_the_natural_latent_norm_is_trained_as_stored(tiny_models) -> None:
+    """In the ordinary latent-norm regime the stored rows are the natural map (no epsilon scale, nothing
+    folded): the steps lower the held-out error and the norm's gain stays the calibrated latent RMS."""
+    from mla_convert.natural_scale import to_natural_norm
+
+    layer, x, target, pos = first_layer(tiny_models["llama_gqa_tied"])
+    attn = layer.self_attn
+    exact = reconstruct(layer, x, target, pos, steps=0).before
+    rank = attn.kv_a_layernorm.weight.numel()
+    scaled = float(attn.kv_a_proj_with_mqa.weight[:rank].abs().max())
+    to_natural_norm(attn, x)
+    gain = attn.kv_a_layernorm.weight.detach().clone()
+    assert float(attn.kv_a_proj_with_mqa.weight[:rank].abs().max()) > 1e3 * scaled  # no epsilon-regime scale
+    with torch.no_grad():
+        latent = attn.kv_a_proj_with_mqa(x)[..., :rank]
+    assert float(gain[0]) == pytest.approx(float(latent.pow(2).mean(-1).sqrt().mean()), rel=1e-4)
+    fit = reconstruct(layer, x, target, pos, steps=300, lr=3e-3, natural_norm=True)
+    assert fit.before > exact  # the per-token rescaling costs accuracy ...
+    assert fit.after < fit.before  # ... which the steps win partly back
+    assert torch.equal(attn.kv_a_layernorm.weight, gain)  # frozen, and nothing folded
