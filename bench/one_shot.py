@@ -5,8 +5,10 @@ Calibration: Python standard-library docstrings (technical text). Evaluation: En
 Lee corpus), through the tool's own --eval-data, and Usenet posts (gensim's 20 Newsgroups sample),
 measured here on the written checkpoint: neither is the calibration text's domain. Each row is one
 `mla-convert` run through the command line, timed (the second evaluation is not in the time); the
-figures come from its mla_report.json. Not a test: run it by hand, e.g. (a value that starts with a dash
-takes "=": --extra="--calib-sampled 0.25", --tag=-sampled)
+figures come from its mla_report.json. --calib-head calibrates on the file's opening windows instead of
+windows spread over it; --natural-norm runs the latent norm in its ordinary regime (natural_norm_cli.py).
+Not a test: run it by hand, e.g. (a value that starts with a dash takes "=": --extra="--calib-sampled
+0.25", --tag=-sampled)
 
     python bench/one_shot.py --budgets 1.0 0.5 0.25 vllm --methods activation --targets portable \
         --refit off on --layer-steps 0 200 --out bench-out/matrix
