@@ -109,12 +109,12 @@ def to_natural_norm(attn: Any, x: torch.Tensor) -> None:
     bench/natural_norm_cli.py (issue 12, item 5), not a conversion option."""
     norm, proj = attn.kv_a_layernorm, attn.kv_a_proj_with_mqa
     rank = norm.weight.numel()
-    factor = norm.weight.double()[:, None] / math.sqrt(norm.variance_epsilon)  # stored * factor = natural
-    natural = proj.weight[:rank].double() * factor
+    scale = _row_scale(attn)[:rank].double()  # stored = scale * natural
+    natural = proj.weight[:rank].double() / scale[:, None]
     flat = x.reshape(-1, x.shape[-1]).double()
     latent = flat @ natural.T
     if proj.bias is not None:
-        bias = proj.bias[:rank].double() * factor[:, 0]
+        bias = proj.bias[:rank].double() / scale
         latent = latent + bias
         proj.bias[:rank] = bias.to(proj.bias.dtype)
     proj.weight[:rank] = natural.to(proj.weight.dtype)

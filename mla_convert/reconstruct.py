@@ -45,7 +45,7 @@ def reconstruct(
 ) -> Reconstruction:
     """Optimise layer.self_attn in place so attn(x) approaches target; keep the best held-out state.
 
-    natural_norm: the latent norm is in its ordinary regime already (measured in bench/latent_norm.py),
+    natural_norm: the latent norm is in its ordinary regime already (measured by bench/natural_norm_cli.py),
     so the stored rows are trained as they are and nothing is folded."""
     attn = layer.self_attn
     held = max(1, x.shape[0] // HELD_SHARE)

@@ -122,10 +122,9 @@ class SequentialCalibrator:
             for name, tensor in layer.self_attn.state_dict().items():
                 if prefix + name in tensors:
                     tensors[prefix + name] = tensor.detach().clone()
-        out = batched(lambda t: layer.self_attn(t, self.ds_pos, None)[0], x)
+        stats.attn_output_error = attention_error(layer.self_attn, x, ref, self.ds_pos)
         self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
         self._x = None
-        stats.attn_output_error = relative(out, ref)
 
 
 def refit_output_projection(
