@@ -93,6 +93,11 @@ def one_thread() -> object:
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny GQA Llama (4 heads, 2 KV heads, head_dim 16) with an offline byte-level BPE tokenizer."""
+    return build_text_model(tmp_path_factory.mktemp("text_model"))
+
+
+def build_text_model(parent: Path) -> Path:
+    """The tiny GQA Llama with its tokenizer, saved under `parent`; the same bytes on every call."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -111,7 +116,7 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         **{**COMMON, "vocab_size": len(tokenizer)},
     )
-    root = tmp_path_factory.mktemp("text_model") / "llama_with_tokenizer"
+    root = parent / "llama_with_tokenizer"
     build_tiny(config).save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
