@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mla_convert.hf_compat import cache_keyword, output_cache
+from mla_convert.util.hf_compat import cache_keyword, output_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from assets import CACHE, english_prose, smollm2_dir

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-import mla_convert.reconstruct as reconstruct_module
+import mla_convert.conversion.calibrator as calibrator_module
+import mla_convert.conversion.reconstruct as reconstruct_module
 from mla_convert.cli import main
-from mla_convert.natural_scale import to_natural_norm
-from mla_convert.sequential import attention_error
+from mla_convert.conversion.layer_fit import attention_error
+from mla_convert.mla.natural_scale import to_natural_norm
 
 closed_form_reconstruct = reconstruct_module.reconstruct
 
@@ -39,6 +40,6 @@ def natural_reconstruct(layer: Any, x: torch.Tensor, target: torch.Tensor, pos: 
 
 
 if __name__ == "__main__":
-    reconstruct_module.reconstruct = natural_reconstruct
+    calibrator_module.reconstruct = natural_reconstruct  # the calibrator's layer-wise steps call this name
     sys.argv[0] = "mla-convert"
     sys.exit(main())

@@ -63,8 +63,8 @@ def second_domain(model: Path, out: Path, text: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mla_convert.calibrate import tokenize_windows
-    from mla_convert.evaluate import compare
+    from mla_convert.evaluate.metrics import compare
+    from mla_convert.source.text import tokenize_windows
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids = tokenize_windows([text.read_text()], tokenizer, SEQ_LEN)[: EVAL_TOKENS // SEQ_LEN]

@@ -31,9 +31,9 @@ STEPS = {
     "latent factorization (weight_svd)": ("factorize.py", "weight_svd"),
     "  of which the eigendecomposition (eigh)": ("~", "linalg_eigh"),
     "DeepSeek layout (attention_tensors)": ("layout.py", "attention_tensors"),
-    "residual rescale (scaled)": ("convert.py", "scaled"),
+    "residual rescale (scaled)": ("driver.py", "scaled"),
     "hand to the writer (ShardWriter.add)": ("writer.py", "add"),
-    "whole layer (layer_tensors)": ("convert.py", "layer_tensors"),
+    "whole layer (layer_tensors)": ("driver.py", "layer_tensors"),
 }
 
 

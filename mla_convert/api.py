@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConversionError
 from .hooks import Hooks
 from .options import Options, TrainSettings, check_options
-from .paths import check_paths
+from .source.paths import check_paths
 
 
 def convert(

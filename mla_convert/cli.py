@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand
 
-from . import __version__
 from .errors import ConversionError
 from .options import RUNTIME, Options, TrainSettings, cli_fields, from_flags
+from .util.version import VERSION
 
 out = Console()
 err = Console(stderr=True)
@@ -84,7 +84,7 @@ def _usage_message(exc: Any) -> str:
 
 def _version(value: bool) -> None:
     if value:
-        out.print(f"mla-convert {__version__}")
+        out.print(f"mla-convert {VERSION}")
         raise typer.Exit()
 
 
@@ -177,7 +177,7 @@ def _dry_run(model_in: str, model_out: Path | None, options: Options, verbose: b
         found = api.dry_run(model_in, options, model_out=model_out)
     except ConversionError as exc:
         _fail(str(exc), verbose)
-    from .preview import preview_lines  # imports torch: only once the flags have passed
+    from .plan.preview import preview_lines  # imports torch: only once the flags have passed
 
     for line in preview_lines(found, options.device):
         out.print(escape(line), soft_wrap=True, highlight=False)
@@ -207,7 +207,7 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
     except ConversionError as exc:
         _fail(str(exc), verbose)
     except KeyboardInterrupt:
-        from .finetune import interrupted_note
+        from .train.finetune import interrupted_note
 
         note = interrupted_note(model_out) or "nothing was written to MODEL_OUT"
         err.print(f"[red]interrupted[/red]: {escape(note)}", soft_wrap=True)
@@ -231,7 +231,7 @@ def _step_detail(info: Any) -> str:
 
 
 def _show_result(report: dict[str, Any], model_out: Path, quiet: bool) -> None:
-    from .report import cache_table, generation_table, layer_table, validation_table
+    from .report.report import cache_table, generation_table, layer_table, validation_table
 
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under a multi-process launch only the main process reports

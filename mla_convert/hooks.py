@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .conversion import LayerStats
-    from .engines.support import Verdict
-    from .plan import Plan
-    from .train import StepInfo
+    from .conversion.driver import LayerStats
+    from .plan.plan import Plan
+    from .plan.serving import Verdict
+    from .train.distill import StepInfo
 
 
 def _ignore(*args: Any) -> None:

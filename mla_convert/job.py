@@ -1,5 +1,6 @@
-"""The job from MODEL_IN to MODEL_OUT: resolve, plan, calibrate, convert, write, verify, then fine-tune and
-validate (finetune.py), and report.
+"""The job from MODEL_IN to MODEL_OUT, stage by stage: load the source, plan, calibrate and convert, write,
+verify, then fine-tune (train/), validate (evaluate/) and report (report/). Each stage is a subpackage; this
+module only calls them in order and hands each what it needs.
 
 The CLI calls `run` and only prints. Everything that can fail with a user-facing message about the
 input raises ConversionError before MODEL_OUT is touched. With a fine-tune, MODEL_OUT first holds the
@@ -17,26 +18,30 @@ from typing import Any
 
 import torch
 
-from . import finetune, resources, validate
-from .calibrate import TextSets, check_lengths, text_sets
-from .card import model_card
-from .conversion import convert, key_energies
+from .conversion.driver import convert, key_energies
 from .engines.export import check_gguf_request, gguf_beside
-from .engines.support import REFUSES, Verdict, verdicts
 from .errors import ConversionError
+from .evaluate import validation
+from .evaluate.verify import load_converted, verify
 from .hooks import Hooks
 from .options import Options, TrainSettings, check_options, check_settings, finetune_defaults, max_shard_bytes
-from .paths import check_model_in, check_paths
-from .plan import Plan, geometry_of, make_plan, resolve_dtype
-from .preview import describe, finetune_line, finetune_summary
-from .report import Report, source_facts
-from .source import Source, resolve
-from .target_config import deepseek_config
-from .verify import load_converted, verify
-from .writer import (
+from .plan.plan import Plan, geometry_of, make_plan, resolve_dtype
+from .plan.preview import describe, finetune_line, finetune_summary
+from .plan.serving import REFUSES, Verdict, verdicts
+from .plan.target_config import deepseek_config
+from .report import plots
+from .report.card import model_card
+from .report.report import Report, source_facts
+from .source.checkpoint import Source, resolve
+from .source.paths import check_model_in, check_paths
+from .source.text import TextSets, TokenWindows, check_lengths, text_sets
+from .train import finetune
+from .train.distill import is_main_process
+from .util import resources
+from .write.tokenizer import copy_tokenizer
+from .write.writer import (
     ShardWriter,
     atomic_output,
-    copy_file,
     write_json,
     write_text,
 )
@@ -71,7 +76,7 @@ def plan_for(
 
 
 def engine_verdicts(plan: Plan, options: Options) -> list[Verdict]:
-    """Which engines serve this plan's checkpoint (widths and profile decide; see engines/support.py)."""
+    """Which engines serve this plan's checkpoint (widths and profile decide; see plan/serving.py)."""
     return verdicts(plan.target, plan.latent_width, plan.rope_dim, options.gguf)
 
 
@@ -96,7 +101,7 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
     if options.resume:
         assert settings is not None
         source = resolve(model_in, options.allow_pickle)
-        return finetune.heal(source, model_out, settings, options, hooks, resume=True, started=started)
+        return _heal(source, model_out, settings, options, hooks, resume=True, started=started)
     torch.manual_seed(options.seed)
     check_paths(model_in, model_out, options.force)
     hooks.on_stage("reading the source")
@@ -116,7 +121,7 @@ def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = 
         assert report is not None
         return report
     assert settings is not None
-    return finetune.heal(source, model_out, settings, options, hooks, resume=False, started=started)
+    return _heal(source, model_out, settings, options, hooks, resume=False, started=started)
 
 
 def preview(model_in: str, options: Options, model_out: Path | None = None) -> dict[str, Any]:
@@ -247,7 +252,7 @@ def _convert_stage(
     with atomic_output(model_out, options.force) as tmp:
         calibrator = None
         if texts and texts.calib:
-            from .sequential import SequentialCalibrator  # imports transformers' DeepSeek modeling: seconds
+            from .conversion.calibrator import SequentialCalibrator  # imports transformers' DeepSeek modeling: seconds
 
             calibrator = SequentialCalibrator(
                 source,
@@ -263,7 +268,7 @@ def _convert_stage(
             hooks.on_stage("writing the checkpoint")
             writer.finish()
         write_json(tmp / "config.json", deepseek_config(plan, source.config))
-        _copy_tokenizer(source, tmp)
+        copy_tokenizer(source, tmp)
         found = engine_verdicts(plan, options)
         report = Report(
             source_label=source.label,
@@ -302,9 +307,9 @@ def _convert_stage(
             data["warnings"].append(finetune.PENDING)
         elif options.validate and whole_fit and texts is not None and texts.evaluation is not None:
             hooks.on_stage("validating on held-out text")
-            data = validate.into_report(data, source, {"converted": load_converted(tmp)}, texts.evaluation, tmp)
+            data = _validated(data, source, {"converted": load_converted(tmp)}, texts.evaluation, tmp)
         else:
-            data = validate.into_report(data, None, {}, None, tmp)
+            data = _validated(data, None, {}, None, tmp)
         data["resources"] = resources.usage(started)
         write_json(tmp / "mla_report.json", data)
         write_text(tmp / "README.md", model_card(data, model_out.name))
@@ -323,8 +328,8 @@ def _train_tokens(options: Options, settings: TrainSettings | None) -> int:
 
 def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks) -> Plan:
     """Redo the plan with activation statistics: rotary components and, for a budget, the measured split."""
-    from .choose import budget_candidates, full_size_candidates, pick, score_candidates, stride_candidates
-    from .sequential import SourceWalk, second_moment
+    from .conversion.budget import budget_candidates, full_size_candidates, pick, score_candidates, stride_candidates
+    from .conversion.calibrator import SourceWalk, second_moment
 
     covariances = None
     if options.target == "transformers" and plan.compressed:
@@ -367,17 +372,67 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     return best
 
 
-def _copy_tokenizer(source: Source, out: Path) -> None:
-    files = list(source.tokenizer_files())
-    for path in files:
-        copy_file(path, out)
-    gen = source.generation_config_file()
-    if gen is not None:
-        copy_file(gen, out)
-    if source.gguf_file is not None:
-        from transformers import GenerationConfig
+def _heal(
+    source: Source,
+    model_out: Path,
+    settings: TrainSettings,
+    options: Options,
+    hooks: Hooks,
+    *,
+    resume: bool,
+    started: float,
+) -> dict[str, Any]:
+    """Fine-tune the converted model in MODEL_OUT, check and validate it, and write the result in its place."""
+    report = finetune.pending_report(model_out, resume)
+    train_text, evaluation = finetune.load_data(model_out)
+    hooks.on_stage("fine-tuning", settings.steps)
+    student = load_converted(model_out)
+    result = finetune.fine_tune(
+        student,
+        source,
+        train_text,
+        settings,
+        model_out,
+        save_every=options.save_every,
+        resume=resume,
+        device=options.device,
+        on_step=hooks.on_step,
+    )
+    if not is_main_process():
+        return report
+    report["warnings"] = [w for w in report["warnings"] if w != finetune.PENDING]
+    report["finetune"] = finetune.section(result, settings, train_text)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[report["settings"]["dtype"]]
+    with atomic_output(model_out, force=True) as tmp:
+        hooks.on_stage("writing the fine-tuned checkpoint")
+        finetune.write_trained(student, model_out, tmp, dtype, max_shard_bytes(options.max_shard_size))
+        del student
+        if options.verify:
+            hooks.on_stage("checking the fine-tuned model against the source")
+            report["verification"] = verify(source, tmp, seed=options.seed).as_dict()
+        models = {}
+        if options.validate and evaluation is not None:
+            hooks.on_stage("validating on held-out text")
+            models = {"converted": load_converted(model_out), "fine-tuned": load_converted(tmp)}
+        report = _validated(report, source, models, evaluation, tmp, result.losses, result.resumed_from)
+        if options.gguf:
+            hooks.on_stage(f"writing the {options.gguf} GGUF for llama.cpp")
+            report["gguf"] = gguf_beside(tmp, model_out.name, options.gguf, source.gguf_path)
+            report["warnings"] += [w for w in report["gguf"]["warnings"] if w not in report["warnings"]]
+        report["resources"] = resources.usage(started)
+        write_json(tmp / "mla_report.json", report)
+        write_text(tmp / "README.md", model_card(report, model_out.name))
+    return report
 
-        tokenizer = source.tokenizer()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
-        GenerationConfig.from_model_config(source.config).save_pretrained(str(out))
+
+def _validated(
+    report: dict[str, Any],
+    source: Source | None,
+    models: dict[str, Any],
+    text: TokenWindows | None,
+    out_dir: Path,
+    losses: list[float] | None = None,
+    resumed_from: int | None = None,
+) -> dict[str, Any]:
+    """Measure `models` against the source on `text` (when given), then draw the plots beside them."""
+    return plots.draw(validation.measured(report, source, models, text), out_dir, losses, resumed_from)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .engines.support import VLLM_LATENT, VLLM_ROPE
 from .errors import ConversionError
 
 COMPRESSION = "Compression"
@@ -44,6 +43,16 @@ FLOAT16_REFUSED = (
 FINETUNE_DEFAULTS = {"cpu": (40, 4), "cuda": (100, 8)}
 
 
+def _per_device(field_index: int) -> str:
+    """'40 on cpu, 100 on cuda': one of FINETUNE_DEFAULTS' numbers for each device, for the help text."""
+    return ", ".join(f"{numbers[field_index]} on {device}" for device, numbers in FINETUNE_DEFAULTS.items())
+
+
+# What --engine vllm writes: the latent and rotary widths of DeepSeek's own checkpoints, the only ones vLLM's
+# CPU and fast GPU MLA kernels run (plan/serving.py says which engine runs what).
+VLLM_LATENT, VLLM_ROPE = 512, 64
+
+
 def flag(default: Any, help: str, panel: str, *, name: str | None = None, choices: tuple[str, ...] = ()) -> Any:
     """A field that is also a command-line flag (`--NAME`, from the field name unless given)."""
     return field(default=default, metadata={"help": help, "panel": panel, "name": name, "choices": choices})
@@ -60,9 +69,7 @@ class TrainSettings:
     )
     batch_size: int | None = flag(
         None,
-        "Windows per optimizer step, over all processes. Default: "
-        + ", ".join(f"{windows} on {device}" for device, (_, windows) in FINETUNE_DEFAULTS.items())
-        + ".",
+        "Windows per optimizer step, over all processes. Default: " + _per_device(1) + ".",
         FINETUNE,
     )
     micro_batch_size: int = flag(4, "Windows per forward pass (gradient accumulation).", FINETUNE)
@@ -156,7 +163,7 @@ class Options:
     finetune_steps: int | None = flag(
         None,
         "Distillation steps after converting; 0 skips the fine-tune (a lossless conversion never trains). Default: "
-        + ", ".join(f"{steps} on {device}" for device, (steps, _) in FINETUNE_DEFAULTS.items())
+        + _per_device(0)
         + ".",
         FINETUNE,
     )

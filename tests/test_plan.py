@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 
 from mla_convert.errors import ConversionError
-from mla_convert.plan import make_plan
+from mla_convert.plan.plan import make_plan
 
 SMOLLM2 = dict(
     hidden_size=576,
@@ -124,7 +124,7 @@ def test_engine_requests_vllm_cannot_serve_are_refused(config, kwargs, fragment)
 
 
 def test_engine_verdicts_follow_the_widths_and_profile():
-    from mla_convert.engines.support import REFUSES, SERVES, UNTESTED, WRONG, verdicts
+    from mla_convert.plan.serving import REFUSES, SERVES, UNTESTED, WRONG, verdicts
 
     def status(*args: object) -> dict[str, str]:
         return {v.engine: v.status for v in verdicts(*args)}  # type: ignore[arg-type]

@@ -151,7 +151,7 @@ def transformers_reference(model_dir: Path, prompts: list[list[int]], max_tokens
     """What stock transformers computes for the same request, in float32: the yardstick for every engine."""
     import torch
 
-    from ..verify import load_converted
+    from ..evaluate.verify import load_converted
 
     model = load_converted(model_dir)
     result: dict[str, Any] = {"engine": "transformers", "prompt_logprobs": [], "greedy": [], "greedy_logprobs": []}

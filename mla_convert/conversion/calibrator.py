@@ -1,0 +1,148 @@
+"""Layer-by-layer calibration: statistics for layer i come from the inputs that converted layers 0..i-1
+produce, so approximation errors are seen (and partly absorbed) instead of silently compounding.
+
+Only the residual stream of the calibration windows ([windows, seq_len, hidden], float32), the source
+layer being converted (read from the checkpoint, source/layers.py) and its converted counterpart are
+held, all on the compute device: memory depends on the largest layer, not on the number of layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+from ..plan.plan import Plan
+from ..source.checkpoint import Source
+from ..source.layers import SourceLayers
+from .driver import LayerStats
+from .layer_fit import attention_error, batched, build_layer, deepseek_runtime_config, rotary, second_moment
+from .query_refit import refit_queries
+from .reconstruct import reconstruct
+
+
+class SequentialCalibrator:
+    """Implements convert.Calibrator on token windows ids [count, seq_len]."""
+
+    def __init__(
+        self,
+        source: Source,
+        plan: Plan,
+        ids: torch.Tensor,
+        device: str = "cpu",
+        layer_steps: int = 0,
+        query_refit: bool = False,
+    ):
+        self.source = SourceLayers(source, device)
+        self.config = deepseek_runtime_config(plan, source.config)
+        self.lam = plan.residual_scale
+        with torch.no_grad():
+            self.h = self.source.embed(ids) * self.lam
+            self.ds_pos = rotary(DeepseekV3RotaryEmbedding(self.config), self.h[:1], ids.shape[1])
+            self.src_pos = rotary(self.source.rotary, self.h[:1], ids.shape[1])
+        self._x: torch.Tensor | None = None
+        self.refit_output = plan.refit_output
+        self.layer_steps = layer_steps
+        self.query_refit = query_refit
+
+    @torch.no_grad()
+    def covariance(self, index: int) -> torch.Tensor:
+        norm = self.source.layer(index).input_layernorm
+        self._x = batched(lambda h: norm(h / self.lam), self.h)  # equals the converted layer's own norm
+        return second_moment(self._x)
+
+    @torch.no_grad()
+    def advance(self, index: int, tensors: dict[str, torch.Tensor], stats: LayerStats) -> None:
+        """Optionally refit the queries (--query-refit), refit o_proj to the source attention output on these
+        inputs, optionally reconstruct the layer (--layer-steps), record the errors in stats, then move the
+        stream on."""
+        x = self._x
+        assert x is not None
+        layer = build_layer(self.config, index, tensors, x.device)
+        src_attn = self.source.layer(index).self_attn
+        ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
+        prefix = f"model.layers.{index}.self_attn."
+        if self.query_refit and prefix + "q_proj.weight" in tensors:
+            refit = refit_queries(layer.self_attn, src_attn, x, self.ds_pos, self.src_pos, ref)
+            stats.query_error_before, stats.query_error_after = refit.before, refit.after
+            tensors[prefix + "q_proj.weight"] = layer.self_attn.q_proj.weight.detach().clone()
+        self.source.release(index)
+        if self.refit_output:
+            refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
+        if self.layer_steps > 0:
+            fit = reconstruct(layer, x, ref, self.ds_pos, self.layer_steps)
+            stats.reconstruction_steps = fit.steps
+            stats.held_out_error_before, stats.held_out_error_after = fit.before, fit.after
+            for name, tensor in layer.self_attn.state_dict().items():
+                if prefix + name in tensors:
+                    tensors[prefix + name] = tensor.detach().clone()
+        stats.attn_output_error = attention_error(layer.self_attn, x, ref, self.ds_pos)
+        self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
+        self._x = None
+
+
+def refit_output_projection(
+    attn: DeepseekV3Attention,
+    x: torch.Tensor,
+    pos: Any,
+    target: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    index: int,
+) -> None:
+    """Refit o_proj so the converted attention output on inputs x matches target (the source's, rescaled).
+
+    Ridge least squares pulled towards the current weights, so an exact layer stays as it is. (A per-head
+    refit of the value up-projection before it was tried and measured no better on SmolLM2.)
+    """
+    name = f"model.layers.{index}.self_attn.o_proj.weight"
+    inputs = batched(lambda t: o_proj_input(attn, t, pos), x)
+    tensors[name] = refit_linear(inputs, target, tensors[name].to(device=x.device, dtype=torch.float64))
+    attn.o_proj.weight.copy_(tensors[name].float())
+
+
+def o_proj_input(attn: DeepseekV3Attention, x: torch.Tensor, pos: Any) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+    hook = attn.o_proj.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+    try:
+        attn(x, pos, None)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def refit_linear(
+    inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, ridge: float = 1e-4
+) -> torch.Tensor:
+    """Least-squares W minimising |W z - o|^2 + mu |W - W0|^2 over all tokens (mu relative to the input energy).
+
+    Pulling toward the current weight W0 keeps the fit stable where the calibration inputs are thin, and
+    leaves an already exact layer as it was.
+    """
+    z = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+    o = targets.reshape(-1, targets.shape[-1]).to(torch.float64)
+    gram = z.T @ z
+    mu = ridge * float(torch.trace(gram)) / gram.shape[0]
+    rhs = o.T @ z + mu * weight
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + mu * eye, rhs.T).T
+
+
+class SourceWalk:
+    """The source model's own attention inputs and outputs, layer by layer (for comparing candidates)."""
+
+    def __init__(self, source: Source, ids: torch.Tensor, device: str = "cpu"):
+        self.source = SourceLayers(source, device)
+        with torch.no_grad():
+            self.h = self.source.embed(ids)
+            self.src_pos = rotary(self.source.rotary, self.h[:1], ids.shape[1])
+
+    @torch.no_grad()
+    def step(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention input, source attention output) of layer `index`, then move to the next layer."""
+        layer = self.source.layer(index)
+        x = batched(layer.input_layernorm, self.h)
+        out = batched(lambda t: layer.self_attn(t, self.src_pos, None)[0], x)
+        self.h = batched(lambda h: layer(h, position_embeddings=self.src_pos), self.h)
+        self.source.release(index)
+        return x, out

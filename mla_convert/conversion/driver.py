@@ -1,0 +1,223 @@
+"""Drive the conversion layer by layer: read source tensors, apply the math, emit DeepSeek tensors.
+
+Tensors flow one way, source -> math -> sink, one layer at a time, so memory is bounded by a layer.
+With a calibrator, each layer is fitted to the activations that the already converted layers produce
+(sequential calibration), and the calibrator propagates them through the new layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..mla.activation import activation_error, activation_factors, kv_row_metric, psd_root
+from ..mla.exact import SourceAttention, augment, mla_form, rotary_components
+from ..mla.factorize import relative_error, weight_svd
+from ..mla.latent_norm import attention_input_bound
+from ..mla.layout import attention_tensors
+from ..plan.plan import Geometry, Plan
+from ..source.checkpoint import Source
+from ..source.families import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
+from ..util import resources
+
+Sink = Callable[[str, torch.Tensor], None]
+SCALE_ROWS = 4096
+
+
+@dataclass
+class LayerStats:
+    index: int
+    k_rel_error: float  # weights, relative Frobenius
+    v_rel_error: float
+    rope_energy_kept: float  # share of rotary energy that still rotates (exactly, or on a near slot)
+    latent_scale: float
+    rope_energy_near: float = 0.0  # ... of which on near-frequency slots of a dense ladder
+    k_act_error: float | None = None  # on calibration activations
+    v_act_error: float | None = None
+    attn_output_error: float | None = None  # converted vs source attention output, same inputs
+    # layer-wise reconstruction (--layer-steps): held-out calibration windows' output error before and after
+    query_error_before: float | None = None  # --query-refit: held-out attention-output error around it
+    query_error_after: float | None = None
+    reconstruction_steps: int | None = None
+    held_out_error_before: float | None = None
+    held_out_error_after: float | None = None
+
+
+class Calibrator(Protocol):
+    """Supplies each layer's input statistics and takes the converted layer to move activations on."""
+
+    def covariance(self, index: int) -> torch.Tensor: ...
+
+    def advance(self, index: int, tensors: dict[str, torch.Tensor], stats: LayerStats) -> None: ...
+
+
+def _layer_name(key: str, i: int) -> str:
+    return LAYER_TENSORS[key].format(i=i)
+
+
+def work_dtype(out_dtype: torch.dtype, calibrated: bool) -> torch.dtype:
+    """float64 for float32 output and for activation statistics; float32 when the output is 16-bit.
+
+    A 16-bit output rounds to 2^-9 relative, so float32's 2^-24 loses nothing there, and the data-free
+    path then runs about twice as fast (the Gram matrix, its eigendecomposition, the rotary rewrite).
+    """
+    return torch.float64 if calibrated or out_dtype == torch.float32 else torch.float32
+
+
+def read_attention(
+    source: Source, geo: Geometry, i: int, keep_bias: bool, device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> SourceAttention:
+    """One source attention layer in `dtype` (float64 unless said otherwise); biases dropped unless keep_bias."""
+
+    def aug(key: str) -> torch.Tensor:
+        base = _layer_name(key, i)
+        weight = source.get(f"{base}.weight").to(device=device, dtype=dtype)
+        bias = None
+        if keep_bias and source.has(f"{base}.bias"):
+            bias = source.get(f"{base}.bias").to(device=device, dtype=dtype)
+        return augment(weight, bias)
+
+    return SourceAttention(
+        q=aug("q"), k=aug("k"), v=aug("v"), num_heads=geo.heads, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim
+    )
+
+
+def key_energies(
+    source: Source,
+    geo: Geometry,
+    keep_bias: bool,
+    covariances: list[torch.Tensor] | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per layer, per frequency, the query-weighted energy of each mixed KV-head rotary component."""
+    out = []
+    work = work_dtype(out_dtype, covariances is not None)
+    for i in range(geo.layers):
+        root = psd_root(covariances[i])[0] if covariances is not None else None
+        src = read_attention(source, geo, i, keep_bias, dtype=work)
+        out.append(rotary_components(src, cov_root=root).energy.to(torch.float64))
+    return torch.stack(out)
+
+
+def layer_tensors(
+    source: Source,
+    plan: Plan,
+    i: int,
+    cov: torch.Tensor | None = None,
+    device: str = "cpu",
+    cov_root: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], LayerStats]:
+    """All DeepSeek tensors of layer i (full names) and its reconstruction statistics.
+
+    Without cov the latent is the data-free weight SVD; with cov (the second moment of this layer's
+    attention input) rotary mixing and the latent are fitted to activations.
+    """
+    geo = plan.geometry
+    work = work_dtype(plan.dtype, cov is not None)
+    src = read_attention(source, geo, i, plan.keep_bias, device, work)
+    o_source = source.get(f"{_layer_name('o', i)}.weight")
+    if cov is not None and cov_root is None:
+        cov_root = psd_root(cov)[0]
+    form = mla_form(src, plan.slots, plan.q_scale, cov_root)
+    if cov is None:
+        factors = weight_svd(form.kv, plan.kv_rank)
+    else:
+        q_nope = form.q[:, : geo.head_dim]
+        o_proj = o_source.to(device=device, dtype=work, copy=True)  # o_source is rescaled in place below
+        k_blocks, v_blocks = kv_row_metric(q_nope, o_proj, cov, geo.kv_heads, geo.head_dim)
+        factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, plan.key_weight, cov_root)
+    input_norm = source.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
+    attn = attention_tensors(
+        form,
+        factors,
+        num_heads=geo.heads,
+        num_kv_heads=geo.kv_heads,
+        head_dim=geo.head_dim,
+        input_bound=attention_input_bound(input_norm),
+        keep_bias=plan.keep_bias,
+        o_proj=scaled(o_source, plan.residual_scale, plan.dtype, source.streams),  # passes through, rescaled
+        latent_width=plan.latent_width,
+    )
+    prefix = f"model.layers.{i}."
+    tensors = {f"{prefix}self_attn.{k}": v for k, v in attn.tensors.items()}
+    tensors[f"{prefix}input_layernorm.weight"] = input_norm
+    tensors[f"{prefix}post_attention_layernorm.weight"] = source.get(f"{_layer_name('post_norm', i)}.weight")
+    for key in ("gate", "up"):
+        tensors[f"{prefix}mlp.{key}_proj.weight"] = source.get(f"{_layer_name(key, i)}.weight")
+    down = source.get(f"{_layer_name('down', i)}.weight")
+    tensors[f"{prefix}mlp.down_proj.weight"] = scaled(down, plan.residual_scale, plan.dtype, source.streams)
+
+    rec = factors.up @ factors.down
+    rows = geo.kv_heads * geo.head_dim
+    stats = LayerStats(
+        index=i,
+        # the rotary slots are exact, so the key error is its no-rope part's, relative to the whole key map
+        k_rel_error=relative_error(form.kv[:rows], rec[:rows], scale=src.k),
+        v_rel_error=relative_error(form.kv[rows:], rec[rows:]),
+        rope_energy_kept=form.rope_energy_kept,
+        latent_scale=attn.latent_scale,
+        rope_energy_near=near_energy(plan, form.rope_energy),
+    )
+    if cov is not None:
+        # The rotary slots are exact, so the key map's error is that of its no-rope part.
+        stats.k_act_error = activation_error(src.k, src.k - (form.kv[:rows] - rec[:rows]), cov)
+        stats.v_act_error = activation_error(form.kv[rows:], rec[rows:], cov)
+    return tensors, stats
+
+
+def near_energy(plan: Plan, energy: torch.Tensor) -> float:
+    """Share of the rotary energy on a dense ladder's near-frequency slots (rotating slightly off)."""
+    total = float(energy.sum())
+    if plan.density == 1 or total <= 0:
+        return 0.0
+    return sum(float(energy[s[0], s[1]]) for s in plan.slots if s is not None and s[1] > 0) / total
+
+
+def scaled(tensor: torch.Tensor, factor: float, dtype: torch.dtype, in_place: bool = False) -> torch.Tensor:
+    """tensor * factor, multiplied in a wider type and rounded to dtype, a block of rows at a time.
+
+    Blocks keep memory near the output's size (a whole 7B embedding in float64 would take 1 GB), and
+    in_place (for a tensor the caller owns, already in dtype) reuses the input's memory.
+    """
+    if factor == 1.0:
+        return tensor
+    if tensor.dtype == dtype and dtype in (torch.bfloat16, torch.float16):
+        # 16-bit ops compute in float32 and round once: the same as widening by hand, without the copies
+        return tensor.mul_(factor) if in_place else tensor * factor
+    out = tensor if in_place and tensor.dtype == dtype else torch.empty(tensor.shape, dtype=dtype)
+    for start in range(0, tensor.shape[0], SCALE_ROWS):
+        out[start : start + SCALE_ROWS] = tensor[start : start + SCALE_ROWS].to(torch.float64) * factor
+    return out
+
+
+def convert(
+    source: Source,
+    plan: Plan,
+    sink: Sink,
+    on_layer: Callable[[LayerStats], None] | None = None,
+    device: str = "cpu",
+    calibrator: Calibrator | None = None,
+) -> list[LayerStats]:
+    """Emit every tensor of the DeepSeek-V3 checkpoint through `sink`; return per-layer statistics."""
+    sink(EMBED, scaled(source.get(EMBED), plan.residual_scale, plan.dtype, source.streams))
+    stats = []
+    for i in range(plan.geometry.layers):
+        cov = calibrator.covariance(i) if calibrator is not None else None
+        tensors, layer = layer_tensors(source, plan, i, cov, device)
+        if calibrator is not None:
+            calibrator.advance(i, tensors, layer)
+        for name, tensor in tensors.items():
+            sink(name, tensor)
+        del tensors  # else the previous layer stays alive while the next one is computed
+        resources.return_free_memory()  # else the fragmented C heap grows layer after layer
+        stats.append(layer)
+        if on_layer:
+            on_layer(layer)
+    # The output head is always written untied: vLLM and SGLang ignore tie_word_embeddings for DeepSeek,
+    # and the embedding carries the residual scale while the head must not.
+    sink(FINAL_NORM, source.get(FINAL_NORM))
+    sink(LM_HEAD, source.get(EMBED if plan.geometry.tied or not source.has(LM_HEAD) else LM_HEAD))
+    return stats

@@ -1,0 +1,356 @@
+"""The conversion plan: target profile, latent and rotary widths, slot layout, dtype.
+
+Everything here is decided from the config and the flags (plus cheap key-weight energies for the
+transformers profile) and validated before any heavy work, so bad flags fail in a second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConversionError
+from ..mla.exact import Slot
+from ..mla.latent_norm import LATENT_NORM_EPS
+from ..mla.rotary import ladder, match_ladder, near_slots, portable_theta, source_inv_freq
+from ..options import FLOAT16_REFUSED, TARGETS, VLLM_LATENT, VLLM_ROPE, check_engine, check_ranks
+from ..source.families import Family, family_for, has_qkv_bias
+
+# The smallest budget docs/results.md measured, and what it gave: below it a setting is unmeasured.
+MEASURED_FLOOR = 0.125
+MEASURED_FLOOR_RESULT = "SmolLM2-135M one-shot reached 31.8x the source perplexity"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes and settings of the source that the conversion depends on."""
+
+    arch: str
+    family: Family
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    qkv_bias: bool
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str
+    tied: bool
+
+    @property
+    def kv_elements(self) -> int:
+        """KV cache elements per token per layer of the source (K and V of every KV head)."""
+        return 2 * self.kv_heads * self.head_dim
+
+
+@dataclass
+class Plan:
+    target: str
+    geometry: Geometry
+    rope_dim: int
+    rope_theta: float
+    kv_rank: int
+    full_kv_rank: int
+    slots: list[Slot]
+    slot_inv_freq: torch.Tensor  # float64 frequency of each slot (ladder value for empty portable slots)
+    dtype: torch.dtype
+    keep_bias: bool
+    q_scale: float
+    residual_scale: float
+    split_reason: str
+    warnings: list[str] = field(default_factory=list)
+    method: str = "svd"  # "svd": data-free weight SVD; "activation": fitted on calibration activations
+    stride: int = 1  # portable: the ladder holds every stride-th source frequency
+    density: int = 1  # portable: ladder slots per source frequency (the extra ones hold near components)
+    key_weight: float = 1.0  # activation method: weight of key error against value error in the latent
+    refit_output: bool = True  # activation method: refit o_proj to the source attention output
+    engine: str | None = None  # --engine: the widths are the ones that engine's kernels run
+    latent_width: int = 0  # kv_lora_rank as written: kv_rank real components, zeros beyond (0: kv_rank)
+
+    def __post_init__(self) -> None:
+        self.latent_width = max(self.latent_width, self.kv_rank)
+
+    @property
+    def kv_elements(self) -> int:
+        """Cache elements per token per layer as the engines hold them (padding included)."""
+        return self.latent_width + self.rope_dim
+
+    @property
+    def nope_dim(self) -> int:
+        return self.geometry.head_dim
+
+    @property
+    def compressed(self) -> bool:
+        return self.kv_rank < self.full_kv_rank
+
+
+def geometry_of(config: Any) -> Geometry:
+    family = family_for(config)
+    heads = config.num_attention_heads
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Geometry(
+        arch=(getattr(config, "architectures", None) or [config.model_type])[0],
+        family=family,
+        hidden=config.hidden_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+        qkv_bias=has_qkv_bias(family, config),
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        rope_type=rope.get("rope_type", "default"),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def make_plan(
+    config: Any,
+    *,
+    target: str = "portable",
+    kv_rank: int | None = None,
+    rope_dim: int | None = None,
+    kv_budget: float | None = None,
+    dtype: str = "auto",
+    stride: int = 1,
+    key_energy: Callable[[], torch.Tensor] | None = None,
+    engine: str | None = None,
+    rope_padding: bool = False,
+    density: int = 1,
+) -> Plan:
+    """Decide the conversion.
+
+    key_energy is called, only when the transformers profile must choose among rotary components, for
+    the [layers, freqs, kv_heads] energies of the mixed key components. With an engine the widths are
+    that engine's; kv_rank (or the budget) then decides how many latent components are real.
+    rope_padding lets a portable rotary key be wider than head_dim: the extra ladder slots stay empty.
+    density > 1 (portable, stride 1) puts density slots on each source frequency step: the first holds
+    the frequency exactly, the others further mixed components at a near frequency (up to density*head_dim).
+    """
+    if target not in TARGETS:
+        raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    check_ranks(kv_budget, kv_rank, rope_dim)
+    geo = geometry_of(config)
+    if engine is not None:
+        return _engine_plan(config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride, density)
+    d, kv = geo.head_dim, geo.kv_heads
+    if d % 2:
+        raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
+    if target == "portable" and rope_dim is not None and rope_dim > d and density == 1 and not rope_padding:
+        density = -(-rope_dim // d)  # a rotary key wider than head_dim is a dense ladder
+        if density > kv:
+            raise ConversionError(
+                f"--rope-dim {rope_dim} is wider than the portable profile can fill: at most {kv * d} ({kv} KV heads "
+                f"of {d}, each source frequency holding up to {kv} components)"
+            )
+        if stride != 1:
+            raise ConversionError(f"a rotary key of {rope_dim} (wider than head_dim {d}) needs ladder stride 1")
+    if density < 1 or (density > 1 and (target != "portable" or stride != 1 or density > kv)):
+        raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
+    max_rope = density * d if target == "portable" else kv * d
+    warnings: list[str] = []
+
+    if rope_dim is not None:
+        _check_rope_dim(rope_dim, max_rope if not rope_padding else max(max_rope, rope_dim), target)
+    if kv_budget is not None:
+        total = math.floor(kv_budget * geo.kv_elements)
+        keeps_bias = geo.qkv_bias and target == "transformers"
+        lossless_latent = min((2 * kv - density) * d if target == "portable" else kv * d, geo.hidden + int(keeps_bias))
+        if total >= max_rope + lossless_latent:
+            rope_dim, kv_rank = max_rope, lossless_latent
+        else:
+            rope_dim = min(max_rope, max(2, 2 * (total // 6)))
+            kv_rank = total - rope_dim
+        if kv_rank < 1:
+            raise ConversionError(
+                f"--kv-budget {kv_budget} leaves {total} cache elements per token, too few for a rotary key "
+                f"and a latent; the smallest usable budget is {3 / geo.kv_elements:.4f}"
+            )
+        split_reason = f"budget {kv_budget} of {geo.kv_elements} = {total} elements: " + (
+            "enough for the lossless map"
+            if rope_dim == max_rope and kv_rank == lossless_latent
+            else f"rope {rope_dim} (a third, even, at most {max_rope}), latent {kv_rank}"
+        )
+    else:
+        split_reason = "ranks given on the command line" if kv_rank or rope_dim else "full size (lossless map)"
+    if rope_dim is None:
+        rope_dim = max_rope
+
+    inv_freq, rope_scaling = source_inv_freq(config, d)
+    if target == "portable":
+        padded = rope_padding and rope_dim > d and stride == 1 and density == 1
+        if stride < 1 or ((rope_dim // 2 - 1) // density * stride > d // 2 - 1 and not padded):
+            raise ConversionError(
+                f"a rotary ladder of {rope_dim // 2} frequencies at stride {stride} overruns the source's {d // 2}"
+            )
+        theta = portable_theta(geo.rope_theta, rope_dim, d, stride, density)
+        slot_freq = ladder(rope_dim, theta)
+        slots: list[Slot] = list(near_slots(match_ladder(slot_freq, inv_freq), density, d // 2))
+        # only a slot meant to hold a source frequency exactly can lose one; the others are padding
+        empty = sum(1 for s in slots[: density * d // 2 : density] if s is None)
+        if empty:
+            warnings.append(
+                f"{empty} of {len(slots)} rotary slots match no source frequency (rope type '{geo.rope_type}'); "
+                "those source frequencies lose their rotation"
+            )
+    else:
+        theta = geo.rope_theta
+        slots = _best_components(inv_freq, kv, rope_dim // 2, key_energy)
+        slot_freq = torch.stack([inv_freq[i] for i, _ in slots])  # type: ignore[misc]
+
+    slot_count = [0] * (d // 2)
+    for s in slots:
+        if s is not None:
+            slot_count[s[0]] += 1
+    structural = 2 * sum(kv - c for c in slot_count) + kv * d
+    full_kv_rank = min(structural, geo.hidden + (1 if geo.qkv_bias and target == "transformers" else 0))
+    if kv_rank is None:
+        kv_rank = full_kv_rank
+    if kv_rank < 1 or kv_rank > full_kv_rank:
+        raise ConversionError(
+            f"--kv-rank must be between 1 and {full_kv_rank} (the lossless latent width for this model and "
+            f"rope width), got {kv_rank}"
+        )
+
+    fraction = (kv_rank + rope_dim) / geo.kv_elements
+    if kv_rank < full_kv_rank and fraction < MEASURED_FLOOR:
+        warnings.append(
+            f"a {kv_rank + rope_dim}-element cache is {fraction:.3f} of the source's, below the smallest budget the "
+            f"benchmarks measured ({MEASURED_FLOOR}: {MEASURED_FLOOR_RESULT}); expect a much worse model"
+        )
+    keep_bias = geo.qkv_bias and target == "transformers"
+    if geo.qkv_bias and target == "portable":
+        warnings.append(
+            "the source has q/k/v biases, which serving engines' DeepSeek attention cannot hold; the portable "
+            "profile drops them (use --target transformers for an exact map)"
+        )
+    if target == "transformers":
+        warnings.append(
+            "--target transformers uses per-dimension rotary frequencies"
+            + (" and attention biases" if keep_bias else "")
+            + "; vLLM and SGLang load it but compute it wrongly: serve only with transformers"
+        )
+
+    resolved_dtype = resolve_dtype(dtype, config)
+    source_scale = d**-0.5 * rope_scaling**2
+    target_scale = (d + rope_dim) ** -0.5
+    return Plan(
+        target=target,
+        geometry=geo,
+        rope_dim=rope_dim,
+        rope_theta=theta,
+        kv_rank=kv_rank,
+        full_kv_rank=full_kv_rank,
+        slots=slots,
+        slot_inv_freq=slot_freq,
+        dtype=resolved_dtype,
+        keep_bias=keep_bias,
+        q_scale=source_scale / target_scale,
+        residual_scale=math.sqrt(LATENT_NORM_EPS / geo.rms_norm_eps),
+        split_reason=split_reason,
+        warnings=warnings,
+        stride=stride if target == "portable" else 1,
+        density=density,
+        engine=engine,
+    )
+
+
+def _engine_plan(
+    config: Any,
+    geo: Geometry,
+    engine: str,
+    target: str,
+    kv_rank: int | None,
+    rope_dim: int | None,
+    kv_budget: float | None,
+    dtype: str,
+    stride: int,
+    density: int = 1,
+) -> Plan:
+    """Widths an engine's kernels run (vLLM: latent 512 + rotary 64), the latent holding as many real
+    components as the source has (up to 512) or as kv_rank says, zeros beyond."""
+    check_engine(engine, target, kv_rank, rope_dim)
+    width = VLLM_LATENT + VLLM_ROPE
+    layout = f"latent {VLLM_LATENT} + rotary {VLLM_ROPE}, the layout vLLM's MLA kernels run"
+    if kv_budget is not None:
+        allowed = math.floor(kv_budget * geo.kv_elements)
+        if allowed < width:
+            raise ConversionError(
+                f"--engine vllm holds {width} cache elements per token per layer ({layout}), but --kv-budget "
+                f"{kv_budget} allows {allowed} of this model's {geo.kv_elements}; to resolve, drop --kv-budget "
+                f"(the vLLM cache is then {width / geo.kv_elements:.2f}x the source's) or drop --engine vllm"
+            )
+    fixed = {
+        "target": target,
+        "rope_dim": VLLM_ROPE,
+        "dtype": dtype,
+        "stride": stride,
+        "rope_padding": True,
+        "density": density,
+    }
+    if kv_rank is None:
+        kv_rank = min(make_plan(config, **fixed).full_kv_rank, VLLM_LATENT)
+    plan = make_plan(config, kv_rank=kv_rank, **fixed)
+    plan.engine, plan.latent_width = engine, VLLM_LATENT
+    real = f"{plan.kv_rank} real latent components" + (
+        f" (lossless {plan.full_kv_rank})" if plan.compressed else " (lossless)"
+    )
+    plan.split_reason = f"--engine {engine}: {layout}; {real}" + (
+        f", {VLLM_LATENT - plan.kv_rank} zero" if plan.kv_rank < VLLM_LATENT else ""
+    )
+    if width > geo.kv_elements:
+        plan.warnings.append(
+            f"--engine vllm holds {width} cache elements per token per layer, {width / geo.kv_elements:.2f}x this "
+            f"model's {geo.kv_elements}: in vLLM it needs more KV cache than the source, not less"
+        )
+    return plan
+
+
+def _check_rope_dim(rope_dim: int, max_rope: int, target: str) -> None:
+    if rope_dim > max_rope:
+        raise ConversionError(
+            f"--rope-dim {rope_dim} is larger than the lossless width {max_rope} for --target {target}"
+        )
+
+
+def _best_components(
+    inv_freq: torch.Tensor, kv_heads: int, count: int, key_energy: Callable[[], torch.Tensor] | None
+) -> list[Slot]:
+    """Pick `count` (frequency, component) pairs for the transformers profile, fastest first within ties.
+
+    With every slot available all components are kept; otherwise components are ranked by their key
+    energy summed over layers, weighted by how far they rotate within 64 tokens (slow frequencies lose
+    little when they stop rotating).
+    """
+    freqs = inv_freq.numel()
+    candidates = [(i, m) for i in range(freqs) for m in range(kv_heads)]
+    if count < len(candidates):
+        if key_energy is None:
+            raise ConversionError("internal: key energies are needed to choose rotary components")
+        weight = key_energy().sum(0) * torch.clamp(inv_freq[:, None] * 64.0, max=1.0)
+        candidates.sort(key=lambda c: -float(weight[c]))
+        candidates = candidates[:count]
+    return sorted(candidates, key=lambda c: (-float(inv_freq[c[0]]), c[1]))
+
+
+def resolve_dtype(dtype: str, config: Any) -> torch.dtype:
+    if dtype == "auto":
+        src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(src, str):
+            src = DTYPES.get(src, torch.float32)
+        resolved = src if isinstance(src, torch.dtype) else torch.float32
+        return torch.bfloat16 if resolved == torch.float16 else resolved
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    if dtype == "float16":
+        raise ConversionError(FLOAT16_REFUSED)
+    return DTYPES[dtype]

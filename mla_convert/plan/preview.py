@@ -1,0 +1,148 @@
+"""What a run will cost and produce, known from the config alone: widths, KV cache at long contexts, the
+engines that will serve it, memory and a time estimate. `--dry-run` prints it and stops; a real run
+prints the estimate before its heavy work."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..options import Options, TrainSettings
+from ..util import resources
+from ..util.units import human_bytes
+from .plan import Plan
+from .serving import Verdict
+
+CONTEXTS = (8 * 1024, 128 * 1024, 256 * 1024)
+# Measured (docs/results.md, the README's quick start): SmolLM2-135M fine-tuned at 165 tokens/s on 2 CPU
+# cores with the CPU defaults, teacher and student forward plus the student's backward (an earlier run on
+# a busier machine of the same kind measured 80). Scaled by parameters and cores: a rough guide only.
+CPU_TOKENS_PER_SECOND, CPU_MEASURED_PARAMETERS, CPU_MEASURED_CORES = 165.0, 134.5e6, 2
+
+
+def finetune_seconds(parameters: int, settings: TrainSettings | None, device: str) -> float | None:
+    """Rough fine-tune time on a CPU from the one measured rate; None on a GPU (not measured yet)."""
+    if settings is None or settings.batch_size is None or device != "cpu" or parameters <= 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rate = CPU_TOKENS_PER_SECOND * CPU_MEASURED_PARAMETERS / max(parameters, 1) * cores / CPU_MEASURED_CORES
+    return settings.steps * settings.batch_size * settings.seq_len / rate
+
+
+def finetune_summary(parameters: int, settings: TrainSettings | None, device: str) -> dict[str, Any] | None:
+    """The fine-tune's size and estimated time (None when nothing is trained)."""
+    if settings is None:
+        return None
+    return {
+        "steps": settings.steps,
+        "windows_per_step": settings.batch_size,
+        "tokens": settings.steps * (settings.batch_size or 0) * settings.seq_len,
+        "estimated_seconds": finetune_seconds(parameters, settings, device),
+    }
+
+
+def describe(
+    plan: Plan,
+    verdicts: list[Verdict],
+    parameters: int,
+    options: Options,
+    settings: TrainSettings | None,
+    trains: bool,
+) -> dict[str, Any]:
+    """The preview as data (the API's `plan()` returns it; the CLI prints `preview_lines` of it)."""
+    geo = plan.geometry
+    width = plan.dtype.itemsize
+    source_bytes = geo.kv_elements * width * geo.layers
+    converted_bytes = plan.kv_elements * width * geo.layers
+    samples = options.method == "activation" and plan.compressed and not options.calib_data
+    models = 2 if trains else 1 if samples or options.validate or options.verify else 0
+    return {
+        "kv_lora_rank": plan.latent_width,
+        "real_latent_components": plan.kv_rank,
+        "lossless_kv_rank": plan.full_kv_rank,
+        "qk_rope_head_dim": plan.rope_dim,
+        "split": plan.split_reason,
+        "split_is_measured_later": options.kv_budget is not None and options.method == "activation" and plan.compressed,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "kv_cache": {
+            "elements_per_token_per_layer": {"source": geo.kv_elements, "converted": plan.kv_elements},
+            "bytes_per_token": {"source": source_bytes, "converted": converted_bytes},
+            "bytes_per_sequence": {
+                str(n): {"source": source_bytes * n, "converted": converted_bytes * n} for n in CONTEXTS
+            },
+            "ratio": plan.kv_elements / geo.kv_elements,
+        },
+        "engines": [v.as_dict() for v in verdicts],
+        "parameters": parameters,
+        "memory_bytes": resources.float32_models_bytes(parameters, models) if models else 0,
+        "memory_available_bytes": resources.available_memory_bytes(),
+        "finetune": finetune_summary(parameters, settings if trains else None, options.device),
+        "samples_text": samples,
+        "warnings": list(plan.warnings),
+    }
+
+
+def finetune_line(finetune: dict[str, Any] | None, device: str) -> str:
+    if finetune is None:
+        return "fine-tune: none (lossless, or --finetune-steps 0)"
+    base = (
+        f"fine-tune: {finetune['steps']} steps x {finetune['windows_per_step']} windows = {finetune['tokens']:,} tokens"
+    )
+    seconds = finetune["estimated_seconds"]
+    if seconds is None:
+        return f"{base} (on {device}: no measured rate to estimate the time from)"
+    return (
+        f"{base}, about {_minutes(seconds)} on this CPU (scaled from {CPU_TOKENS_PER_SECOND:.0f} tokens/s measured "
+        "for 135M parameters on 2 cores)"
+    )
+
+
+def preview_lines(d: dict[str, Any], device: str) -> list[str]:
+    """The dry run, as lines to print."""
+    kv = d["kv_cache"]
+    latent = str(d["kv_lora_rank"])
+    if d["kv_lora_rank"] > d["real_latent_components"]:
+        latent += f" ({d['real_latent_components']} real, {d['kv_lora_rank'] - d['real_latent_components']} zero)"
+    lines = [
+        f"widths: kv_lora_rank {latent} (lossless {d['lossless_kv_rank']}), qk_rope_head_dim "
+        f"{d['qk_rope_head_dim']}, dtype {d['dtype']} — {d['split']}",
+    ]
+    if d["split_is_measured_later"]:
+        lines.append("  (the run measures the latent/rotary split on calibration text; the total stays the same)")
+    per_token = kv["bytes_per_token"]
+    lines.append(
+        f"KV cache per token: {kv['elements_per_token_per_layer']['source']} -> "
+        f"{kv['elements_per_token_per_layer']['converted']} elements per layer, "
+        f"{human_bytes(per_token['source'])} -> {human_bytes(per_token['converted'])} over all layers "
+        f"({kv['ratio']:.3f}x)"
+    )
+    for n, sizes in kv["bytes_per_sequence"].items():
+        lines.append(
+            f"  one {int(n) // 1024}K-token sequence: "
+            f"{human_bytes(sizes['source'])} -> {human_bytes(sizes['converted'])}"
+        )
+    for e in d["engines"]:
+        lines.append(f"engine {e['engine']}: {e['status']} — {e['detail']}")
+    have = d["memory_available_bytes"]
+    if not d["parameters"]:
+        lines.append("memory: unknown (the parameter count could not be read)")
+    elif d["memory_bytes"]:
+        lines.append(
+            f"memory: whole models in float32 take {resources.gigabytes(d['memory_bytes'])} "
+            f"({d['parameters'] / 1e6:,.1f}M parameters); activations and the fine-tune's logits come on top "
+            f"(the SmolLM2-135M quick start peaked at 6.5 GB); available: {resources.gigabytes(have)}"
+        )
+    else:
+        lines.append("memory: the conversion streams one layer at a time")
+    lines.append(finetune_line(d["finetune"], device))
+    if d["samples_text"]:
+        lines.append(
+            "calibration text: none given, so it is sampled from the source (minutes on a CPU); --calib-data FILE "
+            "skips that"
+        )
+    lines += [f"warning: {w}" for w in d["warnings"]]
+    return lines
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

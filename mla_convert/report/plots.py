@@ -1,0 +1,72 @@
+"""PNG plots written beside the checkpoint: the training loss curve and per-layer reconstruction error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LOSS_PLOT = "training_loss.png"
+LAYER_PLOT = "layer_error.png"
+
+
+def draw(report: dict[str, Any], out_dir: Path, losses: list[float] | None, resumed_from: int | None) -> dict[str, Any]:
+    """Draw the loss curve (after a fine-tune) and the per-layer errors; the report names what was drawn."""
+    drawn = []
+    if losses:
+        loss_curve(out_dir / LOSS_PLOT, losses, resumed_from)
+        drawn.append(LOSS_PLOT)
+    layer_errors(out_dir / LAYER_PLOT, report["layers"])
+    drawn.append(LAYER_PLOT)
+    return {**report, "plots": drawn}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curve(path: Path, losses: list[float], resumed_from: int | None = None) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1.2, color="#2060a0")
+    if resumed_from:
+        ax.axvline(resumed_from, color="grey", ls="--", lw=0.8, label=f"resumed after step {resumed_from}")
+        ax.legend()
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("distillation loss (nats / token)")
+    ax.set_yscale("log")
+    ax.set_title("Fine-tune loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no version/date stamp: same run, same bytes
+    plt.close(fig)
+
+
+def layer_errors(path: Path, layers: list[dict[str, Any]]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    index = [layer["index"] for layer in layers]
+    series = [
+        ("k_rel_error", "K (weights)"),
+        ("v_rel_error", "V (weights)"),
+        ("k_act_error", "K (activations)"),
+        ("v_act_error", "V (activations)"),
+        ("attn_output_error", "attention output"),
+    ]
+    for key, label in series:
+        values = [layer.get(key) for layer in layers]
+        if all(v is not None for v in values):
+            ax.plot(index, [max(v, 1e-12) for v in values], marker=".", lw=1, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative error")
+    ax.set_yscale("log")
+    ax.set_title("Per-layer reconstruction error of the conversion")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)

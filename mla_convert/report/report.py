@@ -1,0 +1,354 @@
+"""One report object rendered three ways: a rich table, mla_report.json and the model card section.
+
+Schema of mla_report.json (version 1):
+  schema_version, tool {name, version},
+  source {path (as given: a local path or a hub id), name (hub id, or the folder / file name: what the model card
+          shows), hub_id (the hub repo it was given as, or the `org/name` its config.json's `_name_or_path`
+          declares, else null), license (its README.md's `license:`, else config.json's, else null), and
+          license_name, license_link (only with `license: other`), architecture, layers, heads, kv_heads,
+          head_dim},
+  settings {target, kv_lora_rank (as written, zero padding included), latent_rank (real latent components),
+            qk_rope_head_dim, engine (--engine or null), rope_theta, rotary_stride, rotary_density, dtype, split_reason,
+            lossless_kv_rank, rotary_slots [[frequency_index, component] | null]},
+  kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer (what engines hold,
+            padding included), ratio, original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
+  engines [{engine, status (serves | computes wrongly | refuses | untested), detail}],
+  gguf {file, type, bytes, kept_float32 [tensor names], warnings} or null without --gguf,
+  layers [{index, k_rel_error, v_rel_error, rope_energy_kept, rope_energy_near (the part of it on a dense ladder's
+          near-frequency slots), k_act_error, v_act_error, attn_output_error, and
+          with --layer-steps: reconstruction_steps, held_out_error_before, held_out_error_after (relative
+          attention-output error on held-out calibration windows around the layer-wise reconstruction), and with
+          --query-refit: query_refit_error_before, query_refit_error_after (the same error around the query refit;
+          equal when the refit was undone)}]
+         (the last three null without calibration),
+  summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
+           rope_energy_kept_min, rope_energy_near_mean, and with calibration k_act_error_*, v_act_error_*,
+           attn_output_error_* (mean, max)},
+  calibration {method, source, tokens} or null,
+  evaluation (one-shot, before any fine-tune) {text, tokens, source_perplexity, converted_perplexity,
+              perplexity_ratio, kl_to_source, top1_agreement} or null,
+  verification {tokens, max_abs_logit_diff, top1_agreement, kl_mean, measured_cache_elements_per_token_per_layer}
+               or null when skipped,
+  finetune {steps, batch_size, seq_len, tokens, text, lr, warmup_steps, scope, distill_weight,
+            trainable_parameters, world_size, seconds, resumed_from, losses [per step], lrs [per step]}
+           or null when there was no fine-tune,
+  validation {text, tokens, models [{model, perplexity, perplexity_ratio, kl_to_source, top1_agreement}],
+              generation {prompt, max_new_tokens, outputs {model: text}}} or null with --no-validate,
+  plots [file names of the PNGs beside the checkpoint],
+  resources {peak_rss_bytes, seconds} of the run that wrote the report (the only part that varies between
+            identical runs; the model card leaves it out),
+  warnings [str]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ..conversion.driver import LayerStats
+from ..evaluate.verify import Verification
+from ..plan.plan import Plan
+from ..plan.target_config import DTYPE_NAMES
+from ..source.checkpoint import Source
+from ..util.units import human_bytes
+from ..util.version import VERSION
+
+ORG_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*$")  # a hub id with its owner: "org/name"
+
+
+@dataclass
+class Report:
+    source_label: str
+    plan: Plan
+    layers: list[LayerStats]
+    verification: Verification | None = None
+    warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
+    plots: list[str] = field(default_factory=list)
+    engines: list[dict[str, str]] = field(default_factory=list)
+    gguf: dict[str, Any] | None = None
+    source_facts: dict[str, Any] = field(default_factory=dict)  # name, hub_id, license (see source_facts)
+
+    @property
+    def calibrated(self) -> bool:
+        return any(layer.attn_output_error is not None for layer in self.layers)
+
+    def kv_cache(self) -> dict[str, Any]:
+        geo = self.plan.geometry
+        width = {"float32": 4, "bfloat16": 2, "float16": 2}[DTYPE_NAMES[self.plan.dtype]]
+        before, after = geo.kv_elements, self.plan.kv_elements
+        return {
+            "original_elements_per_token_per_layer": before,
+            "converted_elements_per_token_per_layer": after,
+            "ratio": after / before,
+            "dtype_bytes": width,
+            "original_bytes_per_token": before * width * geo.layers,
+            "converted_bytes_per_token": after * width * geo.layers,
+        }
+
+    def summary(self) -> dict[str, float]:
+        def stat(key: str, fn: Any) -> float:
+            return float(fn([getattr(layer, key) for layer in self.layers]))
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs)
+
+        out = {
+            "k_rel_error_mean": stat("k_rel_error", mean),
+            "k_rel_error_max": stat("k_rel_error", max),
+            "v_rel_error_mean": stat("v_rel_error", mean),
+            "v_rel_error_max": stat("v_rel_error", max),
+            "rope_energy_kept_mean": stat("rope_energy_kept", mean),
+            "rope_energy_kept_min": stat("rope_energy_kept", min),
+            "rope_energy_near_mean": stat("rope_energy_near", mean),
+        }
+        if self.calibrated:
+            for key in ("k_act_error", "v_act_error", "attn_output_error"):
+                out[f"{key}_mean"] = stat(key, mean)
+                out[f"{key}_max"] = stat(key, max)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        plan, geo = self.plan, self.plan.geometry
+        return {
+            "schema_version": 1,
+            "tool": {"name": "mla-convert", "version": VERSION},
+            "source": {
+                "path": self.source_label,
+                **self.source_facts,
+                "architecture": geo.arch,
+                "layers": geo.layers,
+                "heads": geo.heads,
+                "kv_heads": geo.kv_heads,
+                "head_dim": geo.head_dim,
+            },
+            "settings": {
+                "target": plan.target,
+                "kv_lora_rank": plan.latent_width,
+                "latent_rank": plan.kv_rank,
+                "qk_rope_head_dim": plan.rope_dim,
+                "engine": plan.engine,
+                "rope_theta": plan.rope_theta,
+                "rotary_stride": plan.stride,
+                "rotary_density": plan.density,
+                "dtype": DTYPE_NAMES[plan.dtype],
+                "split_reason": plan.split_reason,
+                "lossless_kv_rank": plan.full_kv_rank,
+                "rotary_slots": [list(s) if s is not None else None for s in plan.slots],
+            },
+            "kv_cache": self.kv_cache(),
+            "engines": self.engines,
+            "gguf": self.gguf,
+            "layers": [
+                {
+                    "index": layer.index,
+                    "k_rel_error": layer.k_rel_error,
+                    "v_rel_error": layer.v_rel_error,
+                    "rope_energy_kept": layer.rope_energy_kept,
+                    "rope_energy_near": layer.rope_energy_near,
+                    "k_act_error": layer.k_act_error,
+                    "v_act_error": layer.v_act_error,
+                    "attn_output_error": layer.attn_output_error,
+                    **(
+                        {}
+                        if layer.query_error_before is None
+                        else {
+                            "query_refit_error_before": layer.query_error_before,
+                            "query_refit_error_after": layer.query_error_after,
+                        }
+                    ),
+                    **(
+                        {}
+                        if layer.reconstruction_steps is None
+                        else {
+                            "reconstruction_steps": layer.reconstruction_steps,
+                            "held_out_error_before": layer.held_out_error_before,
+                            "held_out_error_after": layer.held_out_error_after,
+                        }
+                    ),
+                }
+                for layer in self.layers
+            ],
+            "summary": self.summary(),
+            "calibration": self.calibration,
+            "evaluation": self.evaluation,
+            "finetune": self.finetune,
+            "validation": self.validation,
+            "plots": self.plots,
+            "verification": self.verification.as_dict() if self.verification else None,
+            "warnings": self.warnings,
+        }
+
+
+def source_facts(source: Source) -> dict[str, Any]:
+    """What the model card may publish about the source: a name and hub id that hold no local path, and its
+    license as the source declares it (null when it declares none: the card then states none)."""
+    label = source.label
+    local = Path(label).expanduser().exists()  # resolve() took an existing path as local, anything else as a hub id
+    raw = _raw_config(source.root) if source.gguf_file is None else {}
+    declared = raw.get("_name_or_path") or getattr(source.config, "_name_or_path", None)
+    if not local:
+        hub_id: str | None = label
+    elif isinstance(declared, str) and ORG_NAME.match(declared) and not _is_local(declared, source.root):
+        hub_id = declared  # e.g. a local copy saved from the hub, whose config still names its repo
+    else:
+        hub_id = None
+    facts: dict[str, Any] = {
+        "name": Path(label).expanduser().resolve().name if local else label,
+        "hub_id": hub_id,
+        "license": None,
+    }
+    readme = source.root / "README.md"
+    meta = _front_matter(readme) if readme.is_file() else (_front_matter(_hub_readme(label)) if not local else {})
+    declared_license = meta.get("license") if isinstance(meta.get("license"), str) else raw.get("license")
+    if isinstance(declared_license, str) and declared_license.strip():
+        facts["license"] = declared_license.strip()
+        if facts["license"] == "other":
+            for key in ("license_name", "license_link"):
+                if isinstance(meta.get(key), str):
+                    facts[key] = meta[key]
+            link = facts.get("license_link")
+            if link and not link.startswith(("http://", "https://")):  # a file of the source repo
+                if hub_id is None:
+                    del facts["license_link"]
+                else:
+                    facts["license_link"] = f"https://huggingface.co/{hub_id}/blob/main/{link.lstrip('./')}"
+    return facts
+
+
+def _is_local(name: str, root: Path) -> bool:
+    return Path(name).exists() or (root.parent / name).exists()
+
+
+def _raw_config(root: Path) -> dict[str, Any]:
+    """config.json as written (transformers replaces `_name_or_path` with the directory it loads from)."""
+    try:
+        data = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _hub_readme(repo_id: str) -> Path | None:
+    """A hub source's model card (the download fetches weights and tokenizer only); None when it cannot be had."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "README.md"))
+    except Exception:
+        return None
+
+
+def _front_matter(readme: Path | None) -> dict[str, Any]:
+    """The YAML metadata block at the top of a model card, {} without one (or when it does not parse)."""
+    if readme is None:
+        return {}
+    from huggingface_hub import metadata_load
+
+    try:
+        return metadata_load(readme) or {}
+    except Exception:  # unreadable file, bad YAML, a block that is not a mapping
+        return {}
+
+
+def engines_table(rows: list[dict[str, str]]) -> Table:
+    """Which serving engines load this checkpoint and compute what transformers computes."""
+    table = Table(title="Serving engines")
+    table.add_column("engine")
+    table.add_column("status")
+    table.add_column("why")
+    colours = {"serves": "green", "untested": "yellow"}
+    for row in rows:
+        colour = colours.get(row["status"], "red")
+        table.add_row(row["engine"], f"[{colour}]{row['status']}[/{colour}]", row["detail"])
+    return table
+
+
+def layer_table(report: dict[str, Any]) -> Table:
+    """The per-layer reconstruction table of a report (mla_report.json data)."""
+    table = Table(title="Per-layer reconstruction", show_footer=True)
+    summary = report["summary"]
+    calibrated = "attn_output_error_mean" in summary
+    table.add_column("layer", footer="mean / worst", justify="right")
+    table.add_column("K rel. error", footer=_pair(summary["k_rel_error_mean"], summary["k_rel_error_max"]))
+    table.add_column("V rel. error", footer=_pair(summary["v_rel_error_mean"], summary["v_rel_error_max"]))
+    table.add_column(
+        "rotary energy kept",
+        footer=f"{summary['rope_energy_kept_mean']:.1%} / {summary['rope_energy_kept_min']:.1%}",
+    )
+    keys = (
+        ("k_act_error", "K err (activations)"),
+        ("v_act_error", "V err (activations)"),
+        ("attn_output_error", "attn output err"),
+    )
+    if calibrated:
+        for key, title in keys:
+            table.add_column(title, footer=_pair(summary[f"{key}_mean"], summary[f"{key}_max"]))
+    for layer in report["layers"]:
+        row = [
+            str(layer["index"]),
+            f"{layer['k_rel_error']:.2e}",
+            f"{layer['v_rel_error']:.2e}",
+            f"{layer['rope_energy_kept']:.1%}",
+        ]
+        if calibrated:
+            row += [f"{layer[key]:.2e}" for key, _ in keys]
+        table.add_row(*row)
+    return table
+
+
+def cache_table(report: dict[str, Any]) -> Table:
+    kv = report["kv_cache"]
+    table = Table(title="KV cache per token")
+    for col in ("", "elements / layer", "bytes (all layers)"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "source", str(kv["original_elements_per_token_per_layer"]), human_bytes(kv["original_bytes_per_token"])
+    )
+    table.add_row(
+        "converted", str(kv["converted_elements_per_token_per_layer"]), human_bytes(kv["converted_bytes_per_token"])
+    )
+    table.add_row("ratio", f"{kv['ratio']:.3f}", f"{kv['ratio']:.3f}")
+    return table
+
+
+def validation_table(report: dict[str, Any]) -> Table | None:
+    v = report.get("validation")
+    if not v:
+        return None
+    table = Table(title=f"Validation on {v['tokens']} held-out tokens ({v['text']})")
+    for col in ("model", "perplexity", "ratio to source", "KL to source", "top-1 agreement"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in v["models"]:
+        table.add_row(
+            row["model"],
+            f"{row['perplexity']:.3f}",
+            f"{row['perplexity_ratio']:.3f}",
+            "" if row["kl_to_source"] is None else f"{row['kl_to_source']:.4f}",
+            "" if row["top1_agreement"] is None else f"{row['top1_agreement']:.1%}",
+        )
+    return table
+
+
+def generation_table(report: dict[str, Any]) -> Table | None:
+    g = (report.get("validation") or {}).get("generation")
+    if not g:
+        return None
+    table = Table(title=f"Greedy continuation of: {g['prompt']}")
+    table.add_column("model")
+    table.add_column("continuation")
+    for name, text in g["outputs"].items():
+        table.add_row(name, text)
+    return table
+
+
+def _pair(mean: float, worst: float) -> str:
+    return f"{mean:.2e} / {worst:.2e}"

@@ -1,0 +1,70 @@
+"""The source model one decoder layer at a time, built from its tensors on the compute device.
+
+Calibration needs the source's own layers (their norms, attention outputs and residual updates), not the
+whole model: a skeleton of the model's transformers class is made on the meta device (no memory, no
+initialisation), and each layer is given real storage on the device and filled from the checkpoint only
+while it is used. Peak memory is one float32 source layer, not the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConversionError
+from .checkpoint import Source
+
+
+def materialise(module: nn.Module, state: dict[str, torch.Tensor], device: str) -> nn.Module:
+    """Give a meta-device module storage on `device` and fill all its tensors from state (as float32).
+
+    Names the module does not have (an old checkpoint's saved rotary frequencies) are ignored; a name
+    it has and state lacks is an error, so no weight is ever left uninitialised.
+    """
+    wanted = module.state_dict().keys()
+    missing = [name for name in wanted if name not in state]
+    if missing:
+        raise ConversionError(f"the checkpoint lacks {', '.join(missing[:3])} for a {type(module).__name__}")
+    module.to_empty(device=device)
+    module.load_state_dict({name: state[name].float() for name in wanted}, strict=True)
+    return module.eval()
+
+
+class SourceLayers:
+    """Embeddings, rotary embedding and decoder layers of the source, read from its checkpoint on demand."""
+
+    def __init__(self, source: Source, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM
+
+        self.source = source
+        self.device = device
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32)
+        self._layers = skeleton.model.layers
+        # the rotary embedding's frequencies are computed buffers, not checkpoint tensors: build it for real
+        self.rotary = type(skeleton.model.rotary_emb)(config=source.config).to(device)
+        self._live: dict[int, nn.Module] = {}
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings of ids (float32, on the device); the table is read once and dropped."""
+        table = self.source.get("model.embed_tokens.weight").to(device=self.device, dtype=torch.float32)
+        return nn.functional.embedding(ids.to(self.device), table)
+
+    def layer(self, index: int) -> Any:
+        """Decoder layer `index` with its weights, kept until `release(index)`."""
+        if index not in self._live:
+            prefix = f"model.layers.{index}."
+            state = {
+                name[len(prefix) :]: self.source.get(name) for name in self.source.names() if name.startswith(prefix)
+            }
+            self._live[index] = materialise(self._layers[index], state, self.device)
+        return self._live[index]
+
+    def release(self, index: int) -> None:
+        """Drop layer `index`'s weights (back to meta), so at most the layers in use are resident."""
+        module = self._live.pop(index, None)
+        if module is not None:
+            module.to("meta")

@@ -1,0 +1,541 @@
+"""Bad input: every refusal is one clear line on stderr, a non-zero exit, no traceback and nothing written.
+
+Each case also checks that MODEL_IN is byte-for-byte unchanged, that MODEL_OUT was not created (or, when it
+already existed, was left exactly as it was) and that no temporary directory is left beside MODEL_OUT.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForMaskedLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen3Config,
+)
+
+import mla_convert.conversion.driver as convert_module
+import mla_convert.write.writer as writer_module
+from mla_convert.write.writer import TMP_PREFIX
+
+from .conftest import COMMON, build_tiny
+from .helpers import messages
+
+FAST = ("--no-verify", "--method", "svd")
+SUBPROCESS_TIMEOUT = 180
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def snapshot(path: Path) -> dict[str, str] | None:
+    """A hash of every file (and the set of directories) under path; None when nothing is there."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    tree = {}
+    for item in sorted(path.rglob("*")):
+        rel = str(item.relative_to(path))
+        tree[rel] = hashlib.sha256(item.read_bytes()).hexdigest() if item.is_file() else "<dir>"
+    return tree
+
+
+def temp_dirs(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(TMP_PREFIX))
+
+
+class Untouched:
+    """Snapshot MODEL_IN and MODEL_OUT before a run; `check` asserts the run changed neither."""
+
+    def __init__(self, model_in: Path, model_out: Path):
+        self.model_in, self.model_out = model_in, model_out
+        self.in_before = snapshot(model_in)
+        self.out_before = snapshot(model_out)
+
+    def check(self) -> None:
+        assert snapshot(self.model_in) == self.in_before, "MODEL_IN was modified"
+        if self.out_before is None:
+            assert not os.path.lexists(self.model_out), "MODEL_OUT was created"
+        else:
+            assert snapshot(self.model_out) == self.out_before, "the existing MODEL_OUT was modified"
+        assert temp_dirs(self.model_out.parent) == [], "a temporary directory was left behind"
+
+
+def one_line(result: object, *fragments: str, code: int = 2, prefix: str = "error: ", after_plan: bool = False) -> str:
+    """Assert a clean refusal: exit code, nothing on stdout, exactly one stderr line holding every fragment.
+
+    after_plan: the run got as far as printing its plan (the engine lines, then the plan line) before failing.
+    """
+    output = result.output  # type: ignore[attr-defined]
+    assert result.exit_code == code, output  # type: ignore[attr-defined]
+    exc = result.exception  # type: ignore[attr-defined]
+    assert exc is None or isinstance(exc, SystemExit), f"uncaught {exc!r}"
+    assert "Traceback" not in output
+    assert result.stdout == ""  # type: ignore[attr-defined]
+    # the per-engine lines come once the flags have passed the plan's checks: information, not errors
+    lines = [line for line in messages(result.stderr) if not line.startswith("engine ")]  # type: ignore[attr-defined]
+    if after_plan:
+        assert any(line.startswith("plan: ") for line in lines), lines
+        lines = [line for line in lines if not line.startswith("plan: ")]
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    line = lines[0]
+    assert line.startswith(prefix), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
+def copy_model(src: Path, tmp_path: Path, name: str = "model_in") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------- damaged or missing MODEL_IN
+
+
+def _missing(tmp_path: Path, tiny: Path) -> Path:
+    return tmp_path / "no" / "such" / "model"
+
+
+def _missing_gguf(tmp_path: Path, tiny: Path) -> Path:
+    return tmp_path / "SmolLM2-135M.Q4_1.gguf"
+
+
+def _no_config(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    (path / "config.json").unlink()
+    return path
+
+
+def _no_weights(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    (path / "model.safetensors").unlink()
+    return path
+
+
+def _pickle_only(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    return path
+
+
+def _config_not_json(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    (path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,,\n')
+    return path
+
+
+def _config_not_object(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    (path / "config.json").write_text("null\n")
+    return path
+
+
+def _garbage_safetensors(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    (path / "model.safetensors").write_bytes(b"this is not a safetensors file\n" * 500)
+    return path
+
+
+def _bad_header_json(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    header = b"{{{ not json }}}"
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+    return path
+
+
+def _header_without_offsets(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    header = b'{"model.embed_tokens.weight": {"dtype": "F32", "shape": [4]}}'
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+    return path
+
+
+def _truncated_safetensors(tmp_path: Path, tiny: Path) -> Path:
+    path = copy_model(tiny, tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _sharded_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "model_in"
+    build_tiny(LlamaConfig(num_key_value_heads=2, **COMMON)).save_pretrained(path, max_shard_size="20KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def _missing_shard(tmp_path: Path, tiny: Path) -> Path:
+    path = _sharded_checkpoint(tmp_path)
+    sorted(path.glob("model-*.safetensors"))[1].unlink()  # model-00002-of-000NN.safetensors
+    return path
+
+
+def _damaged_index(tmp_path: Path, tiny: Path) -> Path:
+    path = _sharded_checkpoint(tmp_path)
+    (path / "model.safetensors.index.json").write_text("[]\n")
+    return path
+
+
+INPUT_CASES: list[tuple[str, Callable[[Path, Path], Path], tuple[str, ...]]] = [
+    ("missing-path", _missing, ("model path not found",)),
+    ("missing-gguf", _missing_gguf, ("GGUF file not found", ".gguf")),
+    ("no-config", _no_config, ("no config.json",)),
+    ("config-no-weights", _no_weights, ("no safetensors weights",)),
+    ("pickle-only", _pickle_only, ("pickle", "safetensors")),
+    ("config-not-json", _config_not_json, ("config.json", "not valid JSON")),
+    ("config-not-object", _config_not_object, ("config.json", "not a JSON object")),
+    ("garbage-safetensors", _garbage_safetensors, ("model.safetensors is not a valid safetensors file",)),
+    ("header-not-json", _bad_header_json, ("model.safetensors is not a valid safetensors file",)),
+    ("header-no-offsets", _header_without_offsets, ("model.safetensors is not a valid safetensors file",)),
+    ("truncated-safetensors", _truncated_safetensors, ("model.safetensors is truncated",)),
+    ("missing-shard", _missing_shard, ("shard model-00002-of-", "listed in model.safetensors.index.json is missing")),
+    ("damaged-index", _damaged_index, ("model.safetensors.index.json", "is damaged")),
+]
+
+
+@pytest.mark.parametrize(("make", "fragments"), [c[1:] for c in INPUT_CASES], ids=[c[0] for c in INPUT_CASES])
+def test_bad_model_in(cli, tiny_llama: Path, tmp_path: Path, make, fragments) -> None:
+    model_in = make(tmp_path, tiny_llama)
+    assert model_in.is_absolute()
+    model_out = tmp_path / "model_out"
+    guard = Untouched(model_in, model_out)
+    one_line(cli(model_in, model_out, FAST), *fragments)
+    guard.check()
+
+
+def test_markup_like_path_is_quoted_verbatim(cli, tmp_path: Path) -> None:
+    """Paths are user text: '[...]' in them must be printed as-is, not read as console markup."""
+    model_in = tmp_path / "run[/bold]" / "[red]model"
+    model_out = tmp_path / "model_out"
+    guard = Untouched(model_in, model_out)
+    one_line(cli(model_in, model_out, FAST), f"model path not found: {model_in}")
+    guard.check()
+
+
+# ---------------------------------------------------------------- unsupported architectures
+
+
+def _save_causal(config: object, path: Path) -> None:
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def _gpt2(path: Path) -> None:
+    _save_causal(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128), path)
+
+
+def _bert(path: Path) -> None:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96
+    )
+    BertForMaskedLM(config).save_pretrained(path)
+
+
+def _qwen3(path: Path) -> None:
+    _save_causal(Qwen3Config(num_key_value_heads=2, **COMMON), path)
+
+
+def _gemma3_text(path: Path) -> None:
+    _save_causal(Gemma3TextConfig(num_key_value_heads=2, **COMMON), path)
+
+
+def _mistral_sliding_window(path: Path) -> None:
+    _save_causal(MistralConfig(num_key_value_heads=2, sliding_window=16, **COMMON), path)
+
+
+SUPPORTED = "supported: Llama"
+ARCH_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
+    ("gpt2", _gpt2, ("unsupported architecture 'GPT2LMHeadModel'", SUPPORTED, "Mistral", "Qwen2")),
+    ("bert", _bert, ("unsupported architecture 'BertForMaskedLM'", SUPPORTED)),
+    ("qwen3", _qwen3, ("unsupported architecture 'Qwen3ForCausalLM'", SUPPORTED)),
+    ("gemma3-text", _gemma3_text, ("unsupported architecture 'Gemma3ForCausalLM'", SUPPORTED)),
+    ("mistral-sliding-window", _mistral_sliding_window, ("'MistralForCausalLM'", "sliding-window", "window 16")),
+]
+
+
+@pytest.mark.parametrize(("save", "fragments"), [c[1:] for c in ARCH_CASES], ids=[c[0] for c in ARCH_CASES])
+def test_unsupported_architecture(cli, tmp_path: Path, save, fragments) -> None:
+    model_in = tmp_path / "model_in"
+    save(model_in)
+    model_out = tmp_path / "model_out"
+    guard = Untouched(model_in, model_out)
+    one_line(cli(model_in, model_out, FAST), *fragments)
+    guard.check()
+
+
+# ---------------------------------------------------------------- flags out of range
+
+
+FLAG_CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+    ("kv-rank-0", ("--kv-rank", "0"), ("--kv-rank must be a positive number", "got 0")),
+    ("kv-rank-negative", ("--kv-rank", "-3"), ("--kv-rank must be a positive number", "got -3")),
+    ("kv-rank-above-lossless", ("--kv-rank", "100000"), ("--kv-rank must be between 1 and 48", "got 100000")),
+    ("rope-dim-0", ("--rope-dim", "0"), ("--rope-dim must be a positive even number, got 0",)),
+    ("rope-dim-odd", ("--rope-dim", "3"), ("--rope-dim must be a positive even number, got 3",)),
+    ("rope-dim-above-lossless", ("--rope-dim", "4096"), ("--rope-dim 4096 is wider than the portable profile",)),
+    ("kv-budget-0", ("--kv-budget", "0"), ("--kv-budget must be in (0, 1]",)),
+    ("kv-budget-above-1", ("--kv-budget", "1.5"), ("--kv-budget must be in (0, 1]", "1.5")),
+    ("kv-budget-too-small", ("--kv-budget", "0.0001"), ("--kv-budget 0.0001", "smallest usable budget")),
+    ("kv-budget-with-kv-rank", ("--kv-budget", "0.5", "--kv-rank", "8"), ("either the budget or ranks",)),
+    ("kv-budget-with-rope-dim", ("--kv-budget", "0.5", "--rope-dim", "8"), ("either the budget or ranks",)),
+    ("dtype-float16", ("--dtype", "float16"), ("--dtype float16", "use --dtype bfloat16")),
+    ("engine-vllm-budget", ("--engine", "vllm", "--kv-budget", "0.5"), ("--engine vllm holds 576", "allows 32")),
+    ("engine-vllm-rope-dim", ("--engine", "vllm", "--rope-dim", "8"), ("fixes the rotary key at 64",)),
+    ("engine-vllm-transformers", ("--engine", "vllm", "--target", "transformers"), ("needs --target portable",)),
+    ("max-shard-size-garbage", ("--max-shard-size", "garbage"), ("--max-shard-size", "cannot read size 'garbage'")),
+    ("max-shard-size-zero", ("--max-shard-size", "0GB"), ("--max-shard-size", "must be positive")),
+]
+
+
+@pytest.mark.parametrize(("flags", "fragments"), [c[1:] for c in FLAG_CASES], ids=[c[0] for c in FLAG_CASES])
+def test_bad_flags(cli, tiny_llama: Path, tmp_path: Path, flags, fragments) -> None:
+    model_out = tmp_path / "model_out"
+    guard = Untouched(tiny_llama, model_out)
+    one_line(cli(tiny_llama, model_out, FAST, *flags), *fragments)
+    guard.check()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_gpu(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_out = tmp_path / "model_out"
+    guard = Untouched(tiny_llama, model_out)
+    one_line(cli(tiny_llama, model_out, FAST, "--device", "cuda"), "--device cuda", "no CUDA GPU", "--device cpu")
+    guard.check()
+
+
+# ---------------------------------------------------------------- MODEL_OUT problems
+
+
+def test_model_out_equal_to_model_in(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_in = copy_model(tiny_llama, tmp_path)
+    guard = Untouched(model_in, model_in)
+    one_line(cli(model_in, model_in, FAST), "inside MODEL_IN")
+    guard.check()
+
+
+def test_model_out_inside_model_in(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_in = copy_model(tiny_llama, tmp_path)
+    model_out = model_in / "converted"
+    guard = Untouched(model_in, model_out)
+    one_line(cli(model_in, model_out, FAST), "inside MODEL_IN")
+    guard.check()
+
+
+def test_model_out_parent_missing(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_out = tmp_path / "missing-parent" / "model_out"
+    guard = Untouched(tiny_llama, model_out)
+    one_line(cli(tiny_llama, model_out, FAST), "parent directory", "does not exist")
+    assert not model_out.parent.exists()
+    assert snapshot(tiny_llama) == guard.in_before
+    assert temp_dirs(tmp_path) == []
+
+
+def test_model_out_is_a_file(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_out = tmp_path / "model_out"
+    model_out.write_text("not a directory\n")
+    guard = Untouched(tiny_llama, model_out)
+    one_line(cli(tiny_llama, model_out, FAST, "--force"), "exists and is not a directory")
+    guard.check()
+
+
+def _existing_output(tmp_path: Path) -> Path:
+    model_out = tmp_path / "model_out"
+    model_out.mkdir()
+    (model_out / "MARKER.txt").write_text("keep me\n")
+    (model_out / "sub").mkdir()
+    (model_out / "sub" / "data.bin").write_bytes(b"\x00\x01\x02")
+    return model_out
+
+
+def test_existing_model_out_without_force(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_out = _existing_output(tmp_path)
+    guard = Untouched(tiny_llama, model_out)
+    one_line(cli(tiny_llama, model_out, FAST), "already exists", "--force")
+    guard.check()
+    assert (model_out / "MARKER.txt").read_text() == "keep me\n"
+
+
+def test_existing_model_out_with_force_is_replaced(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_out = _existing_output(tmp_path)
+    before_in = snapshot(tiny_llama)
+    result = cli(tiny_llama, model_out, FAST, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert (model_out / "config.json").is_file()
+    assert (model_out / "model.safetensors").is_file()
+    assert not (model_out / "MARKER.txt").exists()
+    assert not (model_out / "sub").exists()
+    assert snapshot(tiny_llama) == before_in
+    assert temp_dirs(tmp_path) == []
+
+
+# ---------------------------------------------------------------- failures in the middle of a run
+
+
+def _fail_on_second_layer(monkeypatch: pytest.MonkeyPatch, exc: BaseException, parent: Path) -> list[list[str]]:
+    """Make layer_tensors raise exc on layer 1; returns the temp dirs seen at that moment (for a sanity check)."""
+    real = convert_module.layer_tensors
+    seen: list[list[str]] = []
+
+    def flaky(source, plan, i, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if i == 1:
+            seen.append(temp_dirs(parent))
+            raise exc
+        return real(source, plan, i, *args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "layer_tensors", flaky)
+    return seen
+
+
+def test_keyboard_interrupt_mid_conversion(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    model_out = tmp_path / "model_out"
+    seen = _fail_on_second_layer(monkeypatch, KeyboardInterrupt(), tmp_path)
+    guard = Untouched(tiny_llama, model_out)
+    one_line(
+        cli(tiny_llama, model_out, FAST),
+        "interrupted",
+        "nothing was written",
+        code=130,
+        prefix="interrupted",
+        after_plan=True,
+    )
+    assert len(seen) == 1 and len(seen[0]) == 1, "the interruption should have happened while writing"
+    guard.check()
+
+
+def test_unexpected_error_mid_conversion(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    model_out = tmp_path / "model_out"
+    seen = _fail_on_second_layer(monkeypatch, RuntimeError("boom in layer 1\nsecond line"), tmp_path)
+    guard = Untouched(tiny_llama, model_out)
+    line = one_line(cli(tiny_llama, model_out, FAST), "RuntimeError", "boom in layer 1", "-v", after_plan=True)
+    assert "second line" not in line
+    assert len(seen) == 1 and len(seen[0]) == 1
+    guard.check()
+
+
+VERBOSE_CRASH = """
+import sys
+import mla_convert.conversion.driver as convert_module
+
+def boom(*args, **kwargs):
+    raise RuntimeError("boom in layer")
+
+convert_module.layer_tensors = boom
+from mla_convert.cli import main
+
+sys.argv = ["mla-convert", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow  # the tool in a process of its own
+def test_unexpected_error_with_verbose_shows_traceback(tiny_llama: Path, tmp_path: Path) -> None:
+    model_out = tmp_path / "model_out"
+    guard = Untouched(tiny_llama, model_out)
+    proc = subprocess.run(
+        [sys.executable, "-c", VERBOSE_CRASH, str(tiny_llama), str(model_out), *FAST, "-v"],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+    assert "RuntimeError: boom in layer" in proc.stderr
+    guard.check()
+
+
+def test_disk_full_while_writing(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    """The device fills up part way through a shard (in the writer thread): one line, nothing left behind."""
+    model_out = tmp_path / "model_out"
+    seen: list[list[str]] = []
+    real_write = writer_module.ShardFile.write
+
+    def fills_up(self, tensor):  # type: ignore[no-untyped-def]
+        if len(self.header) > 3:
+            seen.append(temp_dirs(tmp_path))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, tensor)
+
+    monkeypatch.setattr(writer_module.ShardFile, "write", fills_up)
+    guard = Untouched(tiny_llama, model_out)
+    one_line(cli(tiny_llama, model_out, FAST), "no space left", after_plan=True)
+    assert seen and len(seen[0]) == 1
+    guard.check()
+
+
+def _dead_pid() -> int:
+    pid = 999999
+    while writer_module._alive(pid):
+        pid += 1
+    return pid
+
+
+def test_stale_temp_dir_is_cleaned_by_next_run(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    model_out = tmp_path / "model_out"
+    stale = tmp_path / f"{TMP_PREFIX}{model_out.name}-{_dead_pid()}"
+    stale.mkdir()
+    (stale / "shard-0.tmp").write_bytes(b"half-written")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        live = tmp_path / f"{TMP_PREFIX}{model_out.name}-{sleeper.pid}"  # a run still in progress: kept
+        live.mkdir()
+        result = cli(tiny_llama, model_out, FAST, "-q")
+        assert result.exit_code == 0, result.output
+        assert (model_out / "config.json").is_file()
+        assert not stale.exists()
+        assert temp_dirs(tmp_path) == [live.name]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ---------------------------------------------------------------- the installed command
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("mla-convert")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("mla-convert")
+    return [found] if found else [sys.executable, "-m", "mla_convert.cli"]
+
+
+def test_console_script_missing_path(tmp_path: Path) -> None:
+    model_in = tmp_path / "no" / "such" / "model"
+    model_out = tmp_path / "model_out"
+    env = {**os.environ, "COLUMNS": "40"}  # the message must stay on one line in a narrow, non-tty stderr
+    proc = subprocess.run(
+        [*_command(), str(model_in), str(model_out), *FAST],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: model path not found: {model_in}"]
+    assert not model_out.exists()
+    assert temp_dirs(tmp_path) == []

@@ -1,0 +1,69 @@
+"""The package's layout shows its pipeline: stage subpackages that import only the stages below them, no
+import circles, few top-level modules, and a docstring in each stage that says where to start reading."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "mla_convert"
+FACES = {"api", "cli", "options", "job", "errors", "hooks", "progress"}
+MAX_TOP_LEVEL = 8  # modules beside __init__.py
+
+
+def lint_imports() -> subprocess.CompletedProcess[str]:
+    """import-linter's contracts in pyproject.toml: the stage layers, and no circles in any package."""
+    found = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("lint-imports is not installed: pip install -e '.[dev]'")
+    return subprocess.run([found, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_stages_import_only_the_stages_below_them_and_no_module_imports_itself_back() -> None:
+    result = lint_imports()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def test_the_contracts_catch_an_import_that_climbs_back_up(tmp_path: Path) -> None:
+    """The check is live: in a copy of the package where the math imports the report, it fails and says so."""
+    copy = tmp_path / "copy"
+    shutil.copytree(PACKAGE, copy / "mla_convert", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    exact = copy / "mla_convert" / "mla" / "exact.py"
+    exact.write_text(exact.read_text() + "\n\ndef _climb():\n    from ..report import report  # noqa: F401\n")
+    found = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert found is not None
+    result = subprocess.run(
+        [found, "--no-cache"],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(copy), "PATH": str(Path(sys.executable).parent)},
+    )
+    assert result.returncode != 0
+    assert "mla_convert.mla is not allowed to import mla_convert.report" in result.stdout
+
+
+def test_few_modules_at_the_top_level() -> None:
+    top = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    assert top <= FACES and len(top) <= MAX_TOP_LEVEL, sorted(top - FACES)
+
+
+def test_each_stage_says_what_it_takes_and_gives_and_where_to_start() -> None:
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc, f"{init.parent.name}/__init__.py has no docstring"
+        named = re.findall(r"`([\w/]+\.py)`", doc)
+        assert named, f"{init.parent.name}/__init__.py names no module to open first"
+        for module in named:
+            where = init.parent / module if "/" not in module else PACKAGE / module
+            assert where.is_file(), f"{init.parent.name}/__init__.py names {module}, which does not exist"
