@@ -21,12 +21,13 @@ from typer.core import TyperCommand
 
 from .errors import ConversionError
 from .options import RUNTIME, Options, TrainSettings, cli_fields, from_flags
+from .source.families import supported_list
 from .util.version import VERSION
 
 out = Console()
 err = Console(stderr=True)
 
-EPILOG = """Examples:
+EPILOG = f"""Examples:
 
   mla-convert model.gguf model-mla --kv-budget 0.25        # a quarter of the KV cache, calibrated, fine-tuned
   mla-convert org/model model-mla --dry-run                 # widths, cache, engines, time; writes nothing
@@ -35,7 +36,10 @@ EPILOG = """Examples:
 Choosing a budget: without one the conversion is lossless (the cache shrinks only where the source's keys
 repeat across heads). With in-domain --calib-data and a 40-step CPU fine-tune, SmolLM2-135M measured 1.08x
 the source perplexity at 0.5 and 1.45x at 0.25; without text of your domain expect worse (README,
-"Choosing a budget", has the table)."""
+"Choosing a budget", has the table).
+
+Supported families: {supported_list()}; sliding-window sources with --allow-full-attention. Gemma 2/3, OLMo-2
+and Cohere are refused by design (DeepSeek-V3's layer cannot express their norms); docs/usage.md lists why."""
 
 
 # Typer 0.29 parses with its own copy of click; older releases use click itself. Catch both.
@@ -152,7 +156,8 @@ def _help(text: str) -> str:
 def convert(
     model_in: str, model_out: Path | None, dry_run: bool, quiet: bool, verbose: bool, version: bool, **flags: Any
 ) -> None:
-    """Convert a Llama-family MHA/GQA checkpoint into a stock DeepSeek-V3 (MLA) checkpoint."""
+    """Convert an MHA/GQA checkpoint (Llama, Mistral, Qwen2, Phi-3, Granite, ...) into a stock DeepSeek-V3 (MLA)
+    checkpoint."""
     options = from_flags({k: v.value if isinstance(v, Enum) else v for k, v in flags.items()})
     if dry_run:
         _dry_run(model_in, model_out, options, verbose)

@@ -55,7 +55,7 @@ def plan_for(
     density: int = 1,
 ) -> Plan:
     """The plan for these options; covariances make the transformers profile's rotary choice activation-aware."""
-    geo = geometry_of(source.config)
+    geo = geometry_of(source.config, options.allow_full_attention)
     keep_bias = geo.qkv_bias and options.target == "transformers"
     plan = make_plan(
         source.config,
@@ -70,6 +70,7 @@ def plan_for(
             source, geo, keep_bias, covariances, resolve_dtype(options.dtype, source.config)
         ),
         engine=options.engine,
+        allow_full_attention=options.allow_full_attention,
     )
     plan.method = options.method
     return plan

@@ -126,6 +126,13 @@ class Options:
         COMPRESSION,
         choices=ENGINES,
     )
+    allow_full_attention: bool = flag(
+        False,
+        "Convert a sliding-window source (Mistral v0.1, Qwen2 with use_sliding_window, Phi-3 4K) to full "
+        "attention: exact on contexts up to the window, different beyond it; the plan and the card say so. "
+        "Without it such a source is refused.",
+        COMPRESSION,
+    )
     layer_steps: int = flag(
         0,
         "After each layer's closed-form fit, this many Adam steps on that attention layer so its output matches "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GraniteConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 from typer.testing import CliRunner
 
 from mla_convert.cli import app
@@ -63,6 +63,19 @@ TINY_CONFIGS: dict[str, Callable[[], object]] = {
     "mistral_gqa": lambda: MistralConfig(num_key_value_heads=2, sliding_window=None, **COMMON),
     "qwen2_gqa_bias": lambda: Qwen2Config(num_key_value_heads=2, **COMMON),
     "smollm_like_mqa": lambda: LlamaConfig(num_key_value_heads=1, tie_word_embeddings=True, **COMMON),
+    # fused qkv_proj and gate_up_proj
+    "phi3_gqa": lambda: Phi3Config(num_key_value_heads=2, pad_token_id=0, **COMMON),
+    # every multiplier far from 1, a tied embedding that the multipliers untie, and q/k/v biases
+    "granite_gqa_tied": lambda: GraniteConfig(
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        embedding_multiplier=6.0,
+        attention_multiplier=0.11,
+        residual_multiplier=0.3,
+        logits_scaling=4.0,
+        **COMMON,
+    ),
 }
 
 
@@ -77,6 +90,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+# KV heads whose rotary parts are per-frequency multiples of one head's: one shared rotary key holds them all,
+# so the portable profile is exact too (and so is its calibrated path)
+DEPENDENT_CONFIGS: dict[str, Callable[[], object]] = {
+    "llama_dependent_heads": lambda: LlamaConfig(num_key_value_heads=2, **COMMON),
+    "phi3_dependent_heads": lambda: Phi3Config(num_key_value_heads=2, pad_token_id=0, **COMMON),
+    "granite_dependent_heads": lambda: GraniteConfig(
+        num_key_value_heads=2,
+        embedding_multiplier=6.0,
+        attention_multiplier=0.11,
+        residual_multiplier=0.3,
+        logits_scaling=4.0,
+        **COMMON,
+    ),
+}
+
+
 def build_tiny(config: object, seed: int = 0, dependent_heads: bool = False) -> torch.nn.Module:
     """A random model; qwen2 gets large q/k/v biases so that mishandling them shows."""
     torch.manual_seed(seed)
@@ -84,12 +113,21 @@ def build_tiny(config: object, seed: int = 0, dependent_heads: bool = False) -> 
     with torch.no_grad():
         for layer in model.model.layers:
             attn = layer.self_attn
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-                if proj.bias is not None:
+            for name in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+                proj = getattr(attn, name, None)
+                if proj is not None and proj.bias is not None:
                     proj.bias.normal_(0.0, 0.5)
             if dependent_heads:
-                make_rotary_parts_dependent(attn.k_proj.weight, config.num_key_value_heads, config.head_dim)
+                make_rotary_parts_dependent(key_rows(attn, config), config.num_key_value_heads, config.head_dim)
     return model
+
+
+def key_rows(attn: torch.nn.Module, config: object) -> torch.Tensor:
+    """The key projection's weight rows (a view: Phi-3 keeps them inside its fused qkv_proj)."""
+    if hasattr(attn, "k_proj"):
+        return attn.k_proj.weight
+    q_rows = config.num_attention_heads * config.head_dim
+    return attn.qkv_proj.weight[q_rows : q_rows + config.num_key_value_heads * config.head_dim]
 
 
 def make_rotary_parts_dependent(weight: torch.Tensor, kv_heads: int, head_dim: int) -> None:
@@ -111,9 +149,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         model = build_tiny(make())
         model.save_pretrained(root / name)
         paths[name] = root / name
-    dependent = LlamaConfig(num_key_value_heads=2, **COMMON)
-    build_tiny(dependent, dependent_heads=True).save_pretrained(root / "llama_dependent_heads")
-    paths["llama_dependent_heads"] = root / "llama_dependent_heads"
+    for name, dependent in DEPENDENT_CONFIGS.items():
+        build_tiny(dependent(), dependent_heads=True).save_pretrained(root / name)
+        paths[name] = root / name
     return paths
 
 

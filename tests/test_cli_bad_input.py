@@ -23,10 +23,13 @@ from transformers import (
     AutoModelForCausalLM,
     BertConfig,
     BertForMaskedLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    Phi3Config,
     Qwen3Config,
 )
 
@@ -261,6 +264,22 @@ def _gemma3_text(path: Path) -> None:
     _save_causal(Gemma3TextConfig(num_key_value_heads=2, **COMMON), path)
 
 
+def _gemma2(path: Path) -> None:
+    _save_causal(Gemma2Config(num_key_value_heads=2, **COMMON), path)
+
+
+def _olmo2(path: Path) -> None:
+    _save_causal(Olmo2Config(num_key_value_heads=2, **COMMON), path)
+
+
+def _phi3_longrope(path: Path) -> None:
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    config = Phi3Config(
+        num_key_value_heads=2, pad_token_id=0, rope_parameters=rope, original_max_position_embeddings=256, **COMMON
+    )
+    _save_causal(config, path)
+
+
 def _mistral_sliding_window(path: Path) -> None:
     _save_causal(MistralConfig(num_key_value_heads=2, sliding_window=16, **COMMON), path)
 
@@ -270,8 +289,15 @@ ARCH_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("gpt2", _gpt2, ("unsupported architecture 'GPT2LMHeadModel'", SUPPORTED, "Mistral", "Qwen2")),
     ("bert", _bert, ("unsupported architecture 'BertForMaskedLM'", SUPPORTED)),
     ("qwen3", _qwen3, ("unsupported architecture 'Qwen3ForCausalLM'", SUPPORTED)),
-    ("gemma3-text", _gemma3_text, ("unsupported architecture 'Gemma3ForCausalLM'", SUPPORTED)),
-    ("mistral-sliding-window", _mistral_sliding_window, ("'MistralForCausalLM'", "sliding-window", "window 16")),
+    ("gemma3-text", _gemma3_text, ("'Gemma3ForCausalLM'", "post-norms", "sliding-window", "by design", SUPPORTED)),
+    ("gemma2", _gemma2, ("'Gemma2ForCausalLM'", "post-norms", "soft-caps", "by design", SUPPORTED)),
+    ("olmo2", _olmo2, ("'Olmo2ForCausalLM'", "post-norms", "normalizes queries and keys", "by design")),
+    ("phi3-longrope", _phi3_longrope, ("'Phi3ForCausalLM'", "rope type 'longrope'", "supported rope types")),
+    (
+        "mistral-sliding-window",
+        _mistral_sliding_window,
+        ("'MistralForCausalLM'", "sliding-window", "window 16", "--allow-full-attention"),
+    ),
 ]
 
 

@@ -25,7 +25,9 @@ def test_transformers_profile_is_lossless_for_every_family(tiny_models, tmp_path
 
 
 @pytest.mark.parametrize("method", ["svd", "activation"])
-@pytest.mark.parametrize("family", ["llama_dependent_heads", "smollm_like_mqa"])
+@pytest.mark.parametrize(
+    "family", ["llama_dependent_heads", "phi3_dependent_heads", "granite_dependent_heads", "smollm_like_mqa"]
+)
 def test_portable_profile_is_exact_when_no_rotary_energy_is_lost(tiny_models, tmp_path, family, method):
     out = tmp_path / "out"
     report = run(str(tiny_models[family]), out, Options(verify=False, method=method, **QUICK_CALIB))
@@ -88,3 +90,22 @@ def test_the_built_in_verification_agrees_with_an_independent_check(tiny_models,
     assert report["verification"] is not None
     assert report["verification"]["max_abs_logit_diff"] <= TOL
     assert report["verification"]["top1_agreement"] == 1.0
+
+
+def test_a_sliding_window_source_converts_to_full_attention_only_when_asked(tmp_path):
+    """Exact on contexts within the window, different beyond it, and the plan, report and card say so."""
+    from transformers import MistralConfig
+
+    from .conftest import COMMON, build_tiny
+
+    src = tmp_path / "mistral_window"
+    build_tiny(MistralConfig(num_key_value_heads=2, sliding_window=16, **COMMON)).save_pretrained(src)
+    out = tmp_path / "out"
+    report = run(str(src), out, Options(target="transformers", verify=False, allow_full_attention=True))
+    assert any("last 16 tokens only" in w for w in report["warnings"])
+    assert "last 16 tokens only" in (out / "README.md").read_text()
+    inside, beyond = random_ids(256, 16), random_ids(256, 48)
+    assert max_logit_diff(src, out, inside) <= TOL
+    with torch.no_grad():
+        differs = (load(src)(beyond).logits - load(out)(beyond).logits).abs().amax(dim=(0, 2))
+    assert differs[:16].max() <= TOL < differs[16:].min()

@@ -61,7 +61,7 @@ class SequentialCalibrator:
         assert x is not None
         layer = build_layer(self.config, index, tensors, x.device)
         src_attn = self.source.layer(index).self_attn
-        ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * self.lam
+        ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * (self.lam * self.source.residual)
         prefix = f"model.layers.{index}.self_attn."
         if self.query_refit and prefix + "q_proj.weight" in tensors:
             refit = refit_queries(layer.self_attn, src_attn, x, self.ds_pos, self.src_pos, ref)
@@ -142,7 +142,7 @@ class SourceWalk:
         """(attention input, source attention output) of layer `index`, then move to the next layer."""
         layer = self.source.layer(index)
         x = batched(layer.input_layernorm, self.h)
-        out = batched(lambda t: layer.self_attn(t, self.src_pos, None)[0], x)
+        out = batched(lambda t: layer.self_attn(t, self.src_pos, None)[0], x) * self.source.residual
         self.h = batched(lambda h: layer(h, position_embeddings=self.src_pos), self.h)
         self.source.release(index)
         return x, out

@@ -19,6 +19,7 @@ from ..mla.factorize import relative_error, weight_svd
 from ..mla.latent_norm import attention_input_bound
 from ..mla.layout import attention_tensors
 from ..plan.plan import Geometry, Plan
+from ..source.canonical import Canonical, canonical
 from ..source.checkpoint import Source
 from ..source.families import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
 from ..util import resources
@@ -71,13 +72,14 @@ def read_attention(
     source: Source, geo: Geometry, i: int, keep_bias: bool, device: str = "cpu", dtype: torch.dtype = torch.float64
 ) -> SourceAttention:
     """One source attention layer in `dtype` (float64 unless said otherwise); biases dropped unless keep_bias."""
+    view = canonical(source)
 
     def aug(key: str) -> torch.Tensor:
         base = _layer_name(key, i)
-        weight = source.get(f"{base}.weight").to(device=device, dtype=dtype)
+        weight = view.get(f"{base}.weight").to(device=device, dtype=dtype)
         bias = None
-        if keep_bias and source.has(f"{base}.bias"):
-            bias = source.get(f"{base}.bias").to(device=device, dtype=dtype)
+        if keep_bias and view.has(f"{base}.bias"):
+            bias = view.get(f"{base}.bias").to(device=device, dtype=dtype)
         return augment(weight, bias)
 
     return SourceAttention(
@@ -116,9 +118,10 @@ def layer_tensors(
     attention input) rotary mixing and the latent are fitted to activations.
     """
     geo = plan.geometry
+    view = canonical(source)
     work = work_dtype(plan.dtype, cov is not None)
     src = read_attention(source, geo, i, plan.keep_bias, device, work)
-    o_source = source.get(f"{_layer_name('o', i)}.weight")
+    o_source = view.get(f"{_layer_name('o', i)}.weight")
     if cov is not None and cov_root is None:
         cov_root = psd_root(cov)[0]
     form = mla_form(src, plan.slots, plan.q_scale, cov_root)
@@ -129,7 +132,7 @@ def layer_tensors(
         o_proj = o_source.to(device=device, dtype=work, copy=True)  # o_source is rescaled in place below
         k_blocks, v_blocks = kv_row_metric(q_nope, o_proj, cov, geo.kv_heads, geo.head_dim)
         factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, plan.key_weight, cov_root)
-    input_norm = source.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
+    input_norm = view.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
     attn = attention_tensors(
         form,
         factors,
@@ -138,17 +141,18 @@ def layer_tensors(
         head_dim=geo.head_dim,
         input_bound=attention_input_bound(input_norm),
         keep_bias=plan.keep_bias,
-        o_proj=scaled(o_source, plan.residual_scale, plan.dtype, source.streams),  # passes through, rescaled
+        o_proj=scaled(o_source, plan.residual_scale, plan.dtype, view.streams),  # passes through, rescaled
         latent_width=plan.latent_width,
+        o_bias=_output_bias(view, plan, i),
     )
     prefix = f"model.layers.{i}."
     tensors = {f"{prefix}self_attn.{k}": v for k, v in attn.tensors.items()}
     tensors[f"{prefix}input_layernorm.weight"] = input_norm
-    tensors[f"{prefix}post_attention_layernorm.weight"] = source.get(f"{_layer_name('post_norm', i)}.weight")
+    tensors[f"{prefix}post_attention_layernorm.weight"] = view.get(f"{_layer_name('post_norm', i)}.weight")
     for key in ("gate", "up"):
-        tensors[f"{prefix}mlp.{key}_proj.weight"] = source.get(f"{_layer_name(key, i)}.weight")
-    down = source.get(f"{_layer_name('down', i)}.weight")
-    tensors[f"{prefix}mlp.down_proj.weight"] = scaled(down, plan.residual_scale, plan.dtype, source.streams)
+        tensors[f"{prefix}mlp.{key}_proj.weight"] = view.get(f"{_layer_name(key, i)}.weight")
+    down = view.get(f"{_layer_name('down', i)}.weight")
+    tensors[f"{prefix}mlp.down_proj.weight"] = scaled(down, plan.residual_scale, plan.dtype, view.streams)
 
     rec = factors.up @ factors.down
     rows = geo.kv_heads * geo.head_dim
@@ -166,6 +170,14 @@ def layer_tensors(
         stats.k_act_error = activation_error(src.k, src.k - (form.kv[:rows] - rec[:rows]), cov)
         stats.v_act_error = activation_error(form.kv[rows:], rec[rows:], cov)
     return tensors, stats
+
+
+def _output_bias(view: Canonical, plan: Plan, i: int) -> torch.Tensor | None:
+    """The source's o_proj bias (Granite's attention_bias covers it), rescaled; None when not kept or absent."""
+    name = f"{_layer_name('o', i)}.bias"
+    if not plan.keep_bias or not view.has(name):
+        return None
+    return scaled(view.get(name), plan.residual_scale, plan.dtype, view.streams)
 
 
 def near_energy(plan: Plan, energy: torch.Tensor) -> float:
@@ -202,7 +214,8 @@ def convert(
     calibrator: Calibrator | None = None,
 ) -> list[LayerStats]:
     """Emit every tensor of the DeepSeek-V3 checkpoint through `sink`; return per-layer statistics."""
-    sink(EMBED, scaled(source.get(EMBED), plan.residual_scale, plan.dtype, source.streams))
+    view = canonical(source)
+    sink(EMBED, scaled(view.get(EMBED), plan.residual_scale, plan.dtype, view.streams))
     stats = []
     for i in range(plan.geometry.layers):
         cov = calibrator.covariance(i) if calibrator is not None else None
@@ -218,6 +231,6 @@ def convert(
             on_layer(layer)
     # The output head is always written untied: vLLM and SGLang ignore tie_word_embeddings for DeepSeek,
     # and the embedding carries the residual scale while the head must not.
-    sink(FINAL_NORM, source.get(FINAL_NORM))
-    sink(LM_HEAD, source.get(EMBED if plan.geometry.tied or not source.has(LM_HEAD) else LM_HEAD))
+    sink(FINAL_NORM, view.get(FINAL_NORM))
+    sink(LM_HEAD, view.get(LM_HEAD))  # a tied source's table, as the head
     return stats

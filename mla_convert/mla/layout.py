@@ -29,8 +29,10 @@ def attention_tensors(
     keep_bias: bool,
     o_proj: torch.Tensor,
     latent_width: int = 0,
+    o_bias: torch.Tensor | None = None,
 ) -> LayerTensors:
-    """DeepSeek-V3 attention tensors; with keep_bias the query bias rides on a pass-through q latent.
+    """DeepSeek-V3 attention tensors; with keep_bias the query bias rides on a pass-through q latent, and the
+    output projection carries o_bias (zeros when the source has none).
 
     A latent_width above the factors' rank pads the latent with zeros (zero rows of the down-projection,
     zero columns of kv_b_proj): an engine that only runs certain widths then computes the same scores.
@@ -69,7 +71,7 @@ def attention_tensors(
     out["kv_b_proj.weight"] = per_head.reshape(num_heads * 2 * head_dim, rank)
     out["o_proj.weight"] = o_proj
     if keep_bias:
-        out["o_proj.bias"] = o_proj.new_zeros(o_proj.shape[0])
+        out["o_proj.bias"] = o_bias if o_bias is not None else o_proj.new_zeros(o_proj.shape[0])
     return LayerTensors(tensors=out, latent_scale=s)
 
 

@@ -18,7 +18,7 @@ from ..mla.exact import Slot
 from ..mla.latent_norm import LATENT_NORM_EPS
 from ..mla.rotary import ladder, match_ladder, near_slots, portable_theta, source_inv_freq
 from ..options import FLOAT16_REFUSED, TARGETS, VLLM_LATENT, VLLM_ROPE, check_engine, check_ranks
-from ..source.families import Family, family_for, has_qkv_bias
+from ..source.families import Family, family_for, has_qkv_bias, sliding_window
 
 # The smallest budget docs/results.md measured, and what it gave: below it a setting is unmeasured.
 MEASURED_FLOOR = 0.125
@@ -91,8 +91,8 @@ class Plan:
         return self.kv_rank < self.full_kv_rank
 
 
-def geometry_of(config: Any) -> Geometry:
-    family = family_for(config)
+def geometry_of(config: Any, allow_full_attention: bool = False) -> Geometry:
+    family = family_for(config, allow_full_attention)
     heads = config.num_attention_heads
     rope = dict(getattr(config, "rope_parameters", None) or {})
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -126,6 +126,7 @@ def make_plan(
     engine: str | None = None,
     rope_padding: bool = False,
     density: int = 1,
+    allow_full_attention: bool = False,
 ) -> Plan:
     """Decide the conversion.
 
@@ -133,15 +134,18 @@ def make_plan(
     the [layers, freqs, kv_heads] energies of the mixed key components. With an engine the widths are
     that engine's; kv_rank (or the budget) then decides how many latent components are real.
     rope_padding lets a portable rotary key be wider than head_dim: the extra ladder slots stay empty.
+    allow_full_attention converts a sliding-window source to full attention (with a warning) instead of refusing it.
     density > 1 (portable, stride 1) puts density slots on each source frequency step: the first holds
     the frequency exactly, the others further mixed components at a near frequency (up to density*head_dim).
     """
     if target not in TARGETS:
         raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
     check_ranks(kv_budget, kv_rank, rope_dim)
-    geo = geometry_of(config)
+    geo = geometry_of(config, allow_full_attention)
     if engine is not None:
-        return _engine_plan(config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride, density)
+        return _engine_plan(
+            config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride, density, allow_full_attention
+        )
     d, kv = geo.head_dim, geo.kv_heads
     if d % 2:
         raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
@@ -158,6 +162,12 @@ def make_plan(
         raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
     max_rope = density * d if target == "portable" else kv * d
     warnings: list[str] = []
+    window = sliding_window(config)
+    if window is not None:
+        warnings.append(
+            f"--allow-full-attention: the source attends to the last {window} tokens only, the converted model to "
+            f"all earlier tokens; the two compute the same on contexts up to {window} tokens and differ beyond"
+        )
 
     if rope_dim is not None:
         _check_rope_dim(rope_dim, max_rope if not rope_padding else max(max_rope, rope_dim), target)
@@ -230,8 +240,9 @@ def make_plan(
     keep_bias = geo.qkv_bias and target == "transformers"
     if geo.qkv_bias and target == "portable":
         warnings.append(
-            "the source has q/k/v biases, which serving engines' DeepSeek attention cannot hold; the portable "
-            "profile drops them (use --target transformers for an exact map)"
+            f"the source has {'attention' if geo.family.multipliers else 'q/k/v'} biases, which serving engines' "
+            "DeepSeek attention cannot hold; the portable profile drops them (use --target transformers for an "
+            "exact map)"
         )
     if target == "transformers":
         warnings.append(
@@ -275,6 +286,7 @@ def _engine_plan(
     dtype: str,
     stride: int,
     density: int = 1,
+    allow_full_attention: bool = False,
 ) -> Plan:
     """Widths an engine's kernels run (vLLM: latent 512 + rotary 64), the latent holding as many real
     components as the source has (up to 512) or as kv_rank says, zeros beyond."""
@@ -296,6 +308,7 @@ def _engine_plan(
         "stride": stride,
         "rope_padding": True,
         "density": density,
+        "allow_full_attention": allow_full_attention,
     }
     if kv_rank is None:
         kv_rank = min(make_plan(config, **fixed).full_kv_rank, VLLM_LATENT)

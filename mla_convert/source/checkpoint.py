@@ -345,7 +345,7 @@ def _gguf_source(path: Path) -> Source:
         raise
     except Exception as exc:  # gguf's reader raises several types on metadata it cannot parse
         raise ConversionError(f"cannot read the config of {path}: {first_line(exc)}") from exc
-    family_for(config)
+    family_for(config, allow_full_attention=True)  # the plan judges the window, with the user's flag
     return Source(label=str(path), root=root, config=config, gguf_file=name, _gguf_shapes=shapes)
 
 

@@ -1,7 +1,9 @@
-"""What differs between the supported source families, kept as data.
+"""What differs between the source families, kept as data: which ones convert, how their tensors map onto
+Llama's names and meaning (source/canonical.py applies it), and which are refused by design, with the reason.
 
-Every supported family stores its attention and MLP weights under the same Llama-style names; they
-differ in whether q/k/v carry biases and in which config settings we must refuse.
+Every family that converts has Llama's decoder layer: pre-norm RMSNorm, rotary attention, a SwiGLU MLP.
+They differ in naming (Phi-3 fuses q/k/v and gate/up), in constant multipliers that fold into weights
+(Granite), in q/k/v biases, and in settings we refuse.
 """
 
 from __future__ import annotations
@@ -19,12 +21,33 @@ class Family:
     model_type: str
     display_name: str
     qkv_bias: bool | None  # True: always; False: never; None: read config.attention_bias
+    fused_qkv: bool = False  # self_attn.qkv_proj holds q, k and v rows in that order (Phi-3)
+    fused_gate_up: bool = False  # mlp.gate_up_proj holds the gate rows, then the up rows (Phi-3)
+    multipliers: bool = False  # embedding/attention/residual multipliers and logits scaling (Granite)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "Llama (incl. Llama 2/3/3.1/3.2, SmolLM/SmolLM2)", qkv_bias=None),
     "mistral": Family("mistral", "Mistral", qkv_bias=False),
     "qwen2": Family("qwen2", "Qwen2/Qwen2.5", qkv_bias=True),
+    "phi3": Family("phi3", "Phi-3/Phi-3.5", qkv_bias=False, fused_qkv=True, fused_gate_up=True),
+    "granite": Family("granite", "Granite (3.x)", qkv_bias=None, multipliers=True),
+}
+
+_GEMMA3 = "normalizes after attention and after the MLP (post-norms) and interleaves sliding-window and global layers"
+
+# Families whose decoder layer has something DeepSeek-V3's cannot express: refused by design, saying what.
+BY_DESIGN: dict[str, str] = {
+    "gemma": "scales its embeddings by sqrt(hidden_size) inside the model and uses a GeGLU MLP",
+    "gemma2": (
+        "normalizes after attention and after the MLP (post-norms), soft-caps attention scores and logits, "
+        "and interleaves sliding-window and global layers"
+    ),
+    "gemma3": _GEMMA3,
+    "gemma3_text": _GEMMA3,
+    "olmo2": "normalizes after attention and after the MLP (post-norms) and normalizes queries and keys",
+    "cohere": "runs attention and the MLP in parallel from one LayerNorm and normalizes queries and keys",
+    "cohere2": "runs attention and the MLP in parallel from one LayerNorm and interleaves sliding-window layers",
 }
 
 # Static rotary variants whose inverse frequencies do not depend on the sequence length.
@@ -50,16 +73,25 @@ def supported_list() -> str:
     return ", ".join(f.display_name for f in FAMILIES.values())
 
 
-def family_for(config: Any) -> Family:
-    """Return the family of a source config, or refuse it with one line naming what we support."""
+def family_for(config: Any, allow_full_attention: bool = False) -> Family:
+    """Return the family of a source config, or refuse it with one line naming why and what we support.
+
+    allow_full_attention: a sliding-window model converts to full attention (exact within the window)
+    instead of being refused.
+    """
     model_type = getattr(config, "model_type", None)
     arch = (getattr(config, "architectures", None) or [model_type])[0]
+    if model_type in BY_DESIGN:
+        raise ConversionError(
+            f"'{arch}' {BY_DESIGN[model_type]}, which DeepSeek-V3's decoder layer cannot express: refused by "
+            f"design; supported: {supported_list()}"
+        )
     family = FAMILIES.get(model_type or "")
     if family is None:
         raise ConversionError(
             f"unsupported architecture '{arch}' (model_type '{model_type}'); supported: {supported_list()}"
         )
-    _check_supported_settings(config, arch)
+    _check_supported_settings(config, arch, allow_full_attention)
     return family
 
 
@@ -69,12 +101,24 @@ def has_qkv_bias(family: Family, config: Any) -> bool:
     return family.qkv_bias
 
 
-def _check_supported_settings(config: Any, arch: str) -> None:
+def sliding_window(config: Any) -> int | None:
+    """The attention window a source uses, or None when it attends to all earlier tokens."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    if getattr(config, "model_type", "") == "qwen2":
+        return int(window) if getattr(config, "use_sliding_window", False) else None
+    return int(window) if window < getattr(config, "max_position_embeddings", window + 1) else None
+
+
+def _check_supported_settings(config: Any, arch: str, allow_full_attention: bool) -> None:
     """Refuse settings inside a supported family that the converter does not reproduce."""
-    if getattr(config, "sliding_window", None) and _sliding_window_active(config):
+    window = sliding_window(config)
+    if window is not None and not allow_full_attention:
         raise ConversionError(
-            f"'{arch}' uses sliding-window attention (window {config.sliding_window}), which DeepSeek-V3 "
-            "cannot express; supported: models with full attention"
+            f"'{arch}' uses sliding-window attention (window {window}), which DeepSeek-V3 cannot express; to "
+            "resolve, pass --allow-full-attention to convert it to full attention (exact on contexts up to the "
+            "window, different beyond it)"
         )
     rope = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
@@ -83,7 +127,7 @@ def _check_supported_settings(config: Any, arch: str) -> None:
             f"'{arch}' uses rope type '{rope_type}', which changes with sequence length; "
             f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))) != 1.0:
         raise ConversionError(f"'{arch}' uses partial rotary embeddings; supported: full-width RoPE")
     if getattr(config, "mlp_bias", False):
         raise ConversionError(f"'{arch}' has MLP biases, which DeepSeek-V3's MLP cannot hold")
@@ -93,10 +137,3 @@ def _check_supported_settings(config: Any, arch: str) -> None:
     kv_heads = kv_heads or heads
     if heads % kv_heads:
         raise ConversionError(f"'{arch}' has {heads} heads not divisible by {kv_heads} KV heads")
-
-
-def _sliding_window_active(config: Any) -> bool:
-    if getattr(config, "model_type", "") == "qwen2":
-        return bool(getattr(config, "use_sliding_window", False))
-    window = config.sliding_window
-    return window is not None and window < getattr(config, "max_position_embeddings", window + 1)

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError
+from .canonical import canonical
 from .checkpoint import Source
+from .families import EMBED
 
 
 def materialise(module: nn.Module, state: dict[str, torch.Tensor], device: str) -> nn.Module:
@@ -46,11 +48,15 @@ class SourceLayers:
         # the rotary embedding's frequencies are computed buffers, not checkpoint tensors: build it for real
         self.rotary = type(skeleton.model.rotary_emb)(config=source.config).to(device)
         self._live: dict[int, nn.Module] = {}
+        view = canonical(source)
+        self._view = view
+        self.residual = view.scales.residual  # a family's factor on attention and MLP outputs (Granite)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The token embeddings of ids (float32, on the device); the table is read once and dropped."""
-        table = self.source.get("model.embed_tokens.weight").to(device=self.device, dtype=torch.float32)
+        """The residual stream's start for ids (float32, on the device): the token embeddings, times a family's
+        embedding multiplier; the table is read once and dropped."""
+        table = self._view.get(EMBED).to(device=self.device, dtype=torch.float32)
         return nn.functional.embedding(ids.to(self.device), table)
 
     def layer(self, index: int) -> Any:
