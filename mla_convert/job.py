@@ -87,11 +87,12 @@ def engine_warnings(found: list[Verdict]) -> list[str]:
 
 
 def structurally_lossless(plan: Plan) -> bool:
-    """Nothing to approximate: every rotary component has a slot and the latent has full rank."""
+    """Nothing to approximate: every rotary component has a slot, the latent has full rank, and the family has
+    nothing DeepSeek-V3 lacks (Qwen3's per-head q/k norms)."""
     geo = plan.geometry
     every_component = plan.target == "transformers" and plan.rope_dim == geo.kv_heads * geo.head_dim
     single_head = plan.target == "portable" and geo.kv_heads == 1 and all(s is not None for s in plan.slots)
-    return not plan.compressed and (every_component or single_head)
+    return not plan.compressed and not geo.family.qk_norm and (every_component or single_head)
 
 
 def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = None) -> dict[str, Any]:
@@ -261,7 +262,8 @@ def _convert_stage(
                 texts.calib.ids,
                 options.device,
                 options.layer_steps,
-                options.query_refit and plan.compressed,  # at full size it measured no gain
+                # at full size it measured no gain, except where per-head q/k norms were replaced by scales
+                options.query_refit and (plan.compressed or plan.geometry.family.qk_norm),
             )
         hooks.on_stage("converting layers", plan.geometry.layers)
         with ShardWriter(tmp, plan.dtype, max_shard_bytes(options.max_shard_size)) as writer:

@@ -108,8 +108,8 @@ class Options:
     rope_dim: int | None = flag(None, "Width of the shared rotary key (qk_rope_head_dim), even.", COMPRESSION)
     target: str = flag(
         "portable",
-        "portable: computed identically by transformers, vLLM, SGLang, llama.cpp. transformers: always exact, "
-        "served by transformers only.",
+        "portable: computed identically by transformers, vLLM, SGLang, llama.cpp. transformers: exact (Qwen3: "
+        "approximate, its per-head q/k norms have no stock form), served by transformers only.",
         COMPRESSION,
         choices=TARGETS,
     )

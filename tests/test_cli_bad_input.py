@@ -30,7 +30,6 @@ from transformers import (
     MistralConfig,
     Olmo2Config,
     Phi3Config,
-    Qwen3Config,
 )
 
 import mla_convert.conversion.driver as convert_module
@@ -256,10 +255,6 @@ def _bert(path: Path) -> None:
     BertForMaskedLM(config).save_pretrained(path)
 
 
-def _qwen3(path: Path) -> None:
-    _save_causal(Qwen3Config(num_key_value_heads=2, **COMMON), path)
-
-
 def _gemma3_text(path: Path) -> None:
     _save_causal(Gemma3TextConfig(num_key_value_heads=2, **COMMON), path)
 
@@ -288,7 +283,6 @@ SUPPORTED = "supported: Llama"
 ARCH_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("gpt2", _gpt2, ("unsupported architecture 'GPT2LMHeadModel'", SUPPORTED, "Mistral", "Qwen2")),
     ("bert", _bert, ("unsupported architecture 'BertForMaskedLM'", SUPPORTED)),
-    ("qwen3", _qwen3, ("unsupported architecture 'Qwen3ForCausalLM'", SUPPORTED)),
     ("gemma3-text", _gemma3_text, ("'Gemma3ForCausalLM'", "post-norms", "sliding-window", "by design", SUPPORTED)),
     ("gemma2", _gemma2, ("'Gemma2ForCausalLM'", "post-norms", "soft-caps", "by design", SUPPORTED)),
     ("olmo2", _olmo2, ("'Olmo2ForCausalLM'", "post-norms", "normalizes queries and keys", "by design")),

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer, LlamaConfig, Qwen3Config
 
 from mla_convert.engines import gguf_export, runtime
 from mla_convert.engines.gguf_export import write_gguf
@@ -47,6 +47,8 @@ SENTENCES = [
 ]
 FAST = {"method": "svd", "finetune_steps": 0, "validate": False, "verify": False}
 DENSE = "SmolLM2 --rope-dim 192"
+QWEN3 = "tiny Qwen3 16/8"
+F32_ONLY = (DENSE, QWEN3)
 
 
 def _prompts(tokenizer_dir: Path, count: int = 5, length: int = 64) -> list[list[int]]:
@@ -61,8 +63,11 @@ def checkpoints(tmp_path_factory, smollm2_hf) -> dict[str, tuple[Path, list[list
     runtime.ensure_engine(runtime.LLAMA_CPP)  # installs (builds) llama-cpp-python when missing
     root = tmp_path_factory.mktemp("llamacpp")
     build_tiny(LlamaConfig(**ENGINE_SIZED)).save_pretrained(root / "engine-sized")
+    build_tiny(Qwen3Config(**ENGINE_SIZED)).save_pretrained(root / "qwen3-engine-sized")
     cases = {
         "tiny 16/8": (str(root / "engine-sized"), Options(**FAST)),
+        # Qwen3: per-head q/k norms replaced by scales (data-free here), then an ordinary deepseek2 GGUF
+        QWEN3: (str(root / "qwen3-engine-sized"), Options(**FAST)),
         "SmolLM2": (str(smollm2_hf), Options(**FAST)),
         "SmolLM2 --kv-rank 128": (str(smollm2_hf), Options(kv_rank=128, **FAST)),
         # a dense rotary ladder: 3 slots per source frequency (192 wide), rope_theta 100000^(1/3)
@@ -72,7 +77,7 @@ def checkpoints(tmp_path_factory, smollm2_hf) -> dict[str, tuple[Path, list[list
     for name, (model_in, options) in cases.items():
         path = root / name.replace(" ", "_").replace("/", "-")
         run(model_in, path, options)
-        if name == "tiny 16/8":
+        if name.startswith("tiny"):
             save_bpe_tokenizer(path, vocab_size=600)
         out[name] = (path, _prompts(path))
     return out
@@ -82,7 +87,7 @@ def _gguf_runs(checkpoints, smollm2_gguf) -> dict[tuple[str, str, str], dict]:
     """Every GGUF to run: (checkpoint name, type, options) -> probe run."""
     runs = {}
     for name, (path, prompts) in checkpoints.items():
-        for quant in ("f32",) if name == DENSE else gguf_export.GGUF_TYPES:
+        for quant in ("f32",) if name in F32_ONLY else gguf_export.GGUF_TYPES:
             lent = smollm2_gguf if name == "SmolLM2" and quant == "f32" else None  # as the CLI does for a .gguf input
             out = path / f"model-{quant}.gguf"
             write_gguf(path, out, quant=quant, tokenizer_gguf=lent)
@@ -142,7 +147,7 @@ def _agreement(results, references, key) -> runtime.Agreement:
     return runtime.agreement(result, references[key[0]])
 
 
-@pytest.mark.parametrize("name", ["tiny 16/8", "SmolLM2", "SmolLM2 --kv-rank 128", DENSE])
+@pytest.mark.parametrize("name", ["tiny 16/8", "SmolLM2", "SmolLM2 --kv-rank 128", DENSE, QWEN3])
 def test_f32_gguf_computes_what_transformers_computes(name, results, references):
     agreement = _agreement(results, references, (name, "f32", "f32 cache"))
     assert agreement.max_abs_logprob_diff <= TOLERANCE, agreement

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer, LlamaConfig, Qwen3Config
 
 from mla_convert.engines import runtime
 from mla_convert.job import Options, run
@@ -46,9 +46,15 @@ def checkpoints(tmp_path_factory, tiny_models, smollm2_hf) -> dict[str, tuple[Pa
     """Every checkpoint the engine runs, with its prompts."""
     root = tmp_path_factory.mktemp("vllm")
     build_tiny(LlamaConfig(**ENGINE_SIZED)).save_pretrained(root / "engine-sized")
+    build_tiny(Qwen3Config(**ENGINE_SIZED)).save_pretrained(root / "qwen3-engine-sized")
     cases: dict[str, tuple[str, Options]] = {
         # the default conversion (calibrated on text sampled from the source), 512 + 64 unpadded
         "tiny 16/8 default": (str(root / "engine-sized"), Options(**QUICK_CALIB, validate=False, verify=False)),
+        # Qwen3: per-head q/k norms replaced by measured scales (approximate), then an ordinary checkpoint
+        "tiny Qwen3 16/8 default": (
+            str(root / "qwen3-engine-sized"),
+            Options(**QUICK_CALIB, validate=False, verify=False),
+        ),
         # head_dim 16: --engine vllm pads the latent and the rotary key
         "tiny GQA --engine vllm": (str(tiny_models["llama_gqa_tied"]), Options(method="svd", engine="vllm", **FAST)),
         # SmolLM2 full size (latent 320 real + 192 zero) and compressed (128 real), calibrated on local text
@@ -76,7 +82,13 @@ def engine_results(checkpoints) -> dict[str, dict]:
     return dict(zip(checkpoints, results, strict=True))
 
 
-SERVED = ["tiny 16/8 default", "tiny GQA --engine vllm", "SmolLM2 --engine vllm", "SmolLM2 --engine vllm --kv-rank 128"]
+SERVED = [
+    "tiny 16/8 default",
+    "tiny Qwen3 16/8 default",
+    "tiny GQA --engine vllm",
+    "SmolLM2 --engine vllm",
+    "SmolLM2 --engine vllm --kv-rank 128",
+]
 
 
 @pytest.mark.parametrize("name", SERVED)

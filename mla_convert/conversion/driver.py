@@ -16,6 +16,7 @@ import torch
 from ..mla.activation import activation_error, activation_factors, kv_row_metric, psd_root
 from ..mla.exact import SourceAttention, augment, mla_form, rotary_components
 from ..mla.factorize import relative_error, weight_svd
+from ..mla.head_norm import input_second_moment, linearized
 from ..mla.latent_norm import attention_input_bound
 from ..mla.layout import attention_tensors
 from ..plan.plan import Geometry, Plan
@@ -69,9 +70,19 @@ def work_dtype(out_dtype: torch.dtype, calibrated: bool) -> torch.dtype:
 
 
 def read_attention(
-    source: Source, geo: Geometry, i: int, keep_bias: bool, device: str = "cpu", dtype: torch.dtype = torch.float64
+    source: Source,
+    geo: Geometry,
+    i: int,
+    keep_bias: bool,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    cov: torch.Tensor | None = None,
 ) -> SourceAttention:
-    """One source attention layer in `dtype` (float64 unless said otherwise); biases dropped unless keep_bias."""
+    """One source attention layer in `dtype` (float64 unless said otherwise); biases dropped unless keep_bias.
+
+    A family with per-head q/k norms (Qwen3) has them replaced by fixed per-head scales measured on cov, the
+    second moment of the layer's augmented inputs (mla/head_norm.py; without cov, from the input norm's gains).
+    """
     view = canonical(source)
 
     def aug(key: str) -> torch.Tensor:
@@ -82,9 +93,13 @@ def read_attention(
             bias = view.get(f"{base}.bias").to(device=device, dtype=dtype)
         return augment(weight, bias)
 
-    return SourceAttention(
-        q=aug("q"), k=aug("k"), v=aug("v"), num_heads=geo.heads, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim
-    )
+    q, k = aug("q"), aug("k")
+    if geo.family.qk_norm:
+        moment = cov if cov is not None else input_second_moment(view.get(f"{_layer_name('input_norm', i)}.weight"))
+        eps = geo.rms_norm_eps
+        q = linearized(q, view.get(f"{_layer_name('q_norm', i)}.weight").to(dtype), geo.heads, eps, moment)
+        k = linearized(k, view.get(f"{_layer_name('k_norm', i)}.weight").to(dtype), geo.kv_heads, eps, moment)
+    return SourceAttention(q=q, k=k, v=aug("v"), num_heads=geo.heads, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim)
 
 
 def key_energies(
@@ -99,7 +114,8 @@ def key_energies(
     work = work_dtype(out_dtype, covariances is not None)
     for i in range(geo.layers):
         root = psd_root(covariances[i])[0] if covariances is not None else None
-        src = read_attention(source, geo, i, keep_bias, dtype=work)
+        cov = covariances[i] if covariances is not None else None
+        src = read_attention(source, geo, i, keep_bias, dtype=work, cov=cov)
         out.append(rotary_components(src, cov_root=root).energy.to(torch.float64))
     return torch.stack(out)
 
@@ -120,7 +136,7 @@ def layer_tensors(
     geo = plan.geometry
     view = canonical(source)
     work = work_dtype(plan.dtype, cov is not None)
-    src = read_attention(source, geo, i, plan.keep_bias, device, work)
+    src = read_attention(source, geo, i, plan.keep_bias, device, work, cov)
     o_source = view.get(f"{_layer_name('o', i)}.weight")
     if cov is not None and cov_root is None:
         cov_root = psd_root(cov)[0]

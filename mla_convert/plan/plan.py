@@ -162,6 +162,13 @@ def make_plan(
         raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
     max_rope = density * d if target == "portable" else kv * d
     warnings: list[str] = []
+    if geo.family.qk_norm:
+        warnings.append(
+            f"{geo.arch} normalizes each head's queries and keys (q_norm, k_norm), which DeepSeek-V3 cannot "
+            "express: each norm becomes a fixed per-head scale measured on calibration text, so the conversion is "
+            "approximate at every width, --target transformers included; the report gives each layer's attention "
+            "output error"
+        )
     window = sliding_window(config)
     if window is not None:
         warnings.append(

@@ -24,6 +24,7 @@ class Family:
     fused_qkv: bool = False  # self_attn.qkv_proj holds q, k and v rows in that order (Phi-3)
     fused_gate_up: bool = False  # mlp.gate_up_proj holds the gate rows, then the up rows (Phi-3)
     multipliers: bool = False  # embedding/attention/residual multipliers and logits scaling (Granite)
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys (Qwen3): approximated, never exact
 
 
 FAMILIES: dict[str, Family] = {
@@ -32,6 +33,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2", "Qwen2/Qwen2.5", qkv_bias=True),
     "phi3": Family("phi3", "Phi-3/Phi-3.5", qkv_bias=False, fused_qkv=True, fused_gate_up=True),
     "granite": Family("granite", "Granite (3.x)", qkv_bias=None, multipliers=True),
+    "qwen3": Family("qwen3", "Qwen3 (approximate: per-head q/k norms)", qkv_bias=None, qk_norm=True),
 }
 
 _GEMMA3 = "normalizes after attention and after the MLP (post-norms) and interleaves sliding-window and global layers"
@@ -63,6 +65,8 @@ LAYER_TENSORS = {
     "down": "model.layers.{i}.mlp.down_proj",
     "input_norm": "model.layers.{i}.input_layernorm",
     "post_norm": "model.layers.{i}.post_attention_layernorm",
+    "q_norm": "model.layers.{i}.self_attn.q_norm",
+    "k_norm": "model.layers.{i}.self_attn.k_norm",
 }
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -106,7 +110,7 @@ def sliding_window(config: Any) -> int | None:
     window = getattr(config, "sliding_window", None)
     if not window:
         return None
-    if getattr(config, "model_type", "") == "qwen2":
+    if getattr(config, "model_type", "") in ("qwen2", "qwen3"):
         return int(window) if getattr(config, "use_sliding_window", False) else None
     return int(window) if window < getattr(config, "max_position_embeddings", window + 1) else None
 
