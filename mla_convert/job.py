@@ -90,7 +90,7 @@ def structurally_lossless(plan: Plan) -> bool:
     """Nothing to approximate: every rotary component has a slot, the latent has full rank, and the family has
     nothing DeepSeek-V3 lacks (Qwen3's per-head q/k norms)."""
     geo = plan.geometry
-    every_component = plan.target == "transformers" and plan.rope_dim == geo.kv_heads * geo.head_dim
+    every_component = plan.target == "transformers" and plan.rope_dim == geo.kv_heads * geo.rotary_dim
     single_head = plan.target == "portable" and geo.kv_heads == 1 and all(s is not None for s in plan.slots)
     return not plan.compressed and not geo.family.qk_norm and (every_component or single_head)
 
@@ -341,7 +341,7 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
         covariances = [second_moment(walk.step(i)[0]).cpu() for i in range(plan.geometry.layers)]
         plan = plan_for(source, options, covariances)
     geo = plan.geometry
-    max_rope = geo.head_dim if options.target == "portable" else geo.kv_heads * geo.head_dim
+    max_rope = geo.rotary_dim if options.target == "portable" else geo.kv_heads * geo.rotary_dim
 
     def make(rope_dim: int, kv_rank: int, stride: int, density: int = 1) -> Plan:
         ranks = replace(options, kv_budget=None, kv_rank=kv_rank, rope_dim=rope_dim)
@@ -349,20 +349,20 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
 
     fixed_width = options.engine is not None or (options.target == "portable" and options.rope_dim is not None)
     if fixed_width:  # the widths are fixed: measure which source frequencies the ladder holds
-        candidates = stride_candidates(make, plan.rope_dim, plan.kv_rank, geo.head_dim)
+        candidates = stride_candidates(make, plan.rope_dim, plan.kv_rank, geo.rotary_dim)
         flag = f"--engine {options.engine}" if options.engine is not None else f"--rope-dim {plan.rope_dim}"
         why = f"measuring {len(candidates)} rotary ladders for {flag}"
         prefix = plan.split_reason
     elif options.target == "portable" and not plan.compressed and options.kv_rank is None:
         # full size: a denser ladder gives more rotary components a slot in the same cache
-        candidates = full_size_candidates(make, plan, geo.head_dim, geo.kv_heads)
+        candidates = full_size_candidates(make, plan, geo.rotary_dim, geo.kv_heads)
         why = f"measuring {len(candidates)} rotary ladders at full size"
         prefix = plan.split_reason
     elif options.kv_budget is None or (plan.rope_dim == max_rope and not plan.compressed):
         return plan  # ranks given, or the budget covers the lossless map
     else:
         total = math.floor(options.kv_budget * geo.kv_elements)
-        candidates = budget_candidates(make, total, geo.head_dim, max_rope, portable=options.target == "portable")
+        candidates = budget_candidates(make, total, geo.rotary_dim, max_rope, portable=options.target == "portable")
         why = f"measuring {len(candidates)} ways to split the budget"
         prefix = f"budget {options.kv_budget} of {geo.kv_elements} = {total} elements"
     if len(candidates) == 1:

@@ -56,6 +56,8 @@ def _llama3_rope() -> dict:
     }
 
 
+PARTIAL = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+
 TINY_CONFIGS: dict[str, Callable[[], object]] = {
     "llama_gqa_tied": lambda: LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **COMMON),
     "llama_mha_untied": lambda: LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, **COMMON),
@@ -65,6 +67,8 @@ TINY_CONFIGS: dict[str, Callable[[], object]] = {
     "smollm_like_mqa": lambda: LlamaConfig(num_key_value_heads=1, tie_word_embeddings=True, **COMMON),
     # fused qkv_proj and gate_up_proj
     "phi3_gqa": lambda: Phi3Config(num_key_value_heads=2, pad_token_id=0, **COMMON),
+    # Phi-4-mini's partial rotary: 12 of each head's 16 dimensions rotate
+    "phi3_partial_rotary": lambda: Phi3Config(num_key_value_heads=2, pad_token_id=0, rope_parameters=PARTIAL, **COMMON),
     # every multiplier far from 1, a tied embedding that the multipliers untie, and q/k/v biases
     "granite_gqa_tied": lambda: GraniteConfig(
         num_key_value_heads=2,
@@ -95,6 +99,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 DEPENDENT_CONFIGS: dict[str, Callable[[], object]] = {
     "llama_dependent_heads": lambda: LlamaConfig(num_key_value_heads=2, **COMMON),
     "phi3_dependent_heads": lambda: Phi3Config(num_key_value_heads=2, pad_token_id=0, **COMMON),
+    "phi3_partial_dependent_heads": lambda: Phi3Config(
+        num_key_value_heads=2, pad_token_id=0, rope_parameters=PARTIAL, **COMMON
+    ),
     "granite_dependent_heads": lambda: GraniteConfig(
         num_key_value_heads=2,
         embedding_multiplier=6.0,
@@ -118,7 +125,8 @@ def build_tiny(config: object, seed: int = 0, dependent_heads: bool = False) -> 
                 if proj is not None and proj.bias is not None:
                     proj.bias.normal_(0.0, 0.5)
             if dependent_heads:
-                make_rotary_parts_dependent(key_rows(attn, config), config.num_key_value_heads, config.head_dim)
+                rotary = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+                make_rotary_parts_dependent(key_rows(attn, config), config.num_key_value_heads, config.head_dim, rotary)
     return model
 
 
@@ -130,14 +138,14 @@ def key_rows(attn: torch.nn.Module, config: object) -> torch.Tensor:
     return attn.qkv_proj.weight[q_rows : q_rows + config.num_key_value_heads * config.head_dim]
 
 
-def make_rotary_parts_dependent(weight: torch.Tensor, kv_heads: int, head_dim: int) -> None:
-    """Make every KV head's rotary pair a per-frequency multiple of head 0's (the rest stays random)."""
-    half = head_dim // 2
+def make_rotary_parts_dependent(weight: torch.Tensor, kv_heads: int, head_dim: int, rotary_dim: int = 0) -> None:
+    """Make every KV head's rotary pairs a per-frequency multiple of head 0's (the rest stays random)."""
+    half = (rotary_dim or head_dim) // 2
     heads = weight.view(kv_heads, head_dim, -1)
     for g in range(1, kv_heads):
         alpha = torch.randn(half)
         heads[g, :half] = heads[0, :half] * alpha[:, None]
-        heads[g, half:] = heads[0, half:] * alpha[:, None]
+        heads[g, half : 2 * half] = heads[0, half : 2 * half] * alpha[:, None]
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,14 @@ def test_transformers_profile_is_lossless_for_every_family(tiny_models, tmp_path
 
 @pytest.mark.parametrize("method", ["svd", "activation"])
 @pytest.mark.parametrize(
-    "family", ["llama_dependent_heads", "phi3_dependent_heads", "granite_dependent_heads", "smollm_like_mqa"]
+    "family",
+    [
+        "llama_dependent_heads",
+        "phi3_dependent_heads",
+        "phi3_partial_dependent_heads",
+        "granite_dependent_heads",
+        "smollm_like_mqa",
+    ],
 )
 def test_portable_profile_is_exact_when_no_rotary_energy_is_lost(tiny_models, tmp_path, family, method):
     out = tmp_path / "out"

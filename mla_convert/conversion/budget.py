@@ -44,19 +44,19 @@ def ladder_name(plan: Plan) -> str:
 
 
 def budget_candidates(
-    make: Callable[..., Plan], total: int, head_dim: int, max_rope: int, portable: bool
+    make: Callable[..., Plan], total: int, rotary_dim: int, max_rope: int, portable: bool
 ) -> list[Plan]:
     """Valid (rope width, ladder) splits of `total` cache elements; the latent takes the rest.
 
     The portable profile also tries dense ladders (several slots per source frequency, up to
-    density * head_dim wide), which give more mixed rotary components a near frequency."""
+    density * rotary_dim wide), which give more mixed rotary components a near frequency."""
     plans = []
     for rope in ROPE_CHOICES:
         if rope >= total:
             continue
         if rope <= max_rope:
             for stride in STRIDES if portable else (1,):
-                if (rope // 2 - 1) * stride > head_dim // 2 - 1:
+                if (rope // 2 - 1) * stride > rotary_dim // 2 - 1:
                     continue
                 try:
                     plans.append(make(rope_dim=rope, kv_rank=total - rope, stride=stride))
@@ -65,7 +65,7 @@ def budget_candidates(
         for density in DENSITIES if portable else ():
             # a dense ladder narrower than half its reach covers only the fastest frequencies: on SmolLM2 at
             # budget 0.5 every such candidate measured worse than the plain ladder of the same width
-            if density * head_dim // 2 <= rope <= density * head_dim:
+            if density * rotary_dim // 2 <= rope <= density * rotary_dim:
                 try:
                     plans.append(make(rope_dim=rope, kv_rank=total - rope, stride=1, density=density))
                 except ConversionError:
@@ -75,11 +75,11 @@ def budget_candidates(
     return plans
 
 
-def stride_candidates(make: Callable[..., Plan], rope_dim: int, kv_rank: int, head_dim: int) -> list[Plan]:
+def stride_candidates(make: Callable[..., Plan], rope_dim: int, kv_rank: int, rotary_dim: int) -> list[Plan]:
     """A rotary key of fixed width over every ladder stride the source's frequencies allow (at least stride 1)."""
-    plans = [make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1)]  # wider than head_dim: already dense
+    plans = [make(rope_dim=rope_dim, kv_rank=kv_rank, stride=1)]  # wider than rotary_dim: already dense
     for stride in STRIDES[1:]:
-        if (rope_dim // 2 - 1) * stride <= head_dim // 2 - 1:
+        if (rope_dim // 2 - 1) * stride <= rotary_dim // 2 - 1:
             try:
                 plans.append(make(rope_dim=rope_dim, kv_rank=kv_rank, stride=stride))
             except ConversionError:  # e.g. a latent wider than this ladder's lossless rank
@@ -93,15 +93,15 @@ def stride_candidates(make: Callable[..., Plan], rope_dim: int, kv_rank: int, he
     return plans
 
 
-def full_size_candidates(make: Callable[..., Plan], plan: Plan, head_dim: int, kv_heads: int) -> list[Plan]:
+def full_size_candidates(make: Callable[..., Plan], plan: Plan, rotary_dim: int, kv_heads: int) -> list[Plan]:
     """The same cache at full size spent on denser ladders: each extra slot per source frequency takes
-    head_dim elements from the latent, which then needs that many fewer. A ladder whose latent would no
+    rotary_dim elements from the latent, which then needs that many fewer. A ladder whose latent would no
     longer be lossless (a latent capped by the hidden size) is not a candidate."""
     plans = [plan]
     for density in DENSITIES:
         if density > kv_heads:
             continue
-        rope = density * head_dim
+        rope = density * rotary_dim
         try:
             dense = make(rope_dim=rope, kv_rank=plan.kv_rank + plan.rope_dim - rope, stride=1, density=density)
         except ConversionError:

@@ -99,7 +99,15 @@ def read_attention(
         eps = geo.rms_norm_eps
         q = linearized(q, view.get(f"{_layer_name('q_norm', i)}.weight").to(dtype), geo.heads, eps, moment)
         k = linearized(k, view.get(f"{_layer_name('k_norm', i)}.weight").to(dtype), geo.kv_heads, eps, moment)
-    return SourceAttention(q=q, k=k, v=aug("v"), num_heads=geo.heads, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim)
+    return SourceAttention(
+        q=q,
+        k=k,
+        v=aug("v"),
+        num_heads=geo.heads,
+        num_kv_heads=geo.kv_heads,
+        head_dim=geo.head_dim,
+        rotary_dim=geo.rotary_dim,
+    )
 
 
 def key_energies(

@@ -29,10 +29,17 @@ class SourceAttention:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    rotary_dim: int = 0  # the first rotary_dim dimensions of a head rotate (half-split pairs); 0: all of them
 
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of each rotary pair within a head; the dimensions past rotary_dim never rotate and stay in the
+        no-rope part, exactly."""
+        return half_split_pairs(self.rotary_dim or self.head_dim)
 
 
 @dataclass
@@ -66,7 +73,7 @@ def rotary_components(
     """Mix KV heads per frequency; with cov_root (C = L Lᵀ of the inputs) energies are measured on activations."""
     d, kv_heads = src.head_dim, src.num_kv_heads
     feats = src.q.shape[1]
-    a, b = half_split_pairs(d)
+    a, b = src.pairs
     if q_heads is None:
         q_heads = src.q.view(src.num_heads, d, feats)
     k_heads = src.k.view(kv_heads, d, feats)
@@ -84,7 +91,7 @@ def mla_form(src: SourceAttention, slots: list[Slot], q_scale: float, cov_root: 
     """Rewrite one layer into MLA form with the given rotary slots (see module docstring)."""
     heads, kv_heads, d = src.num_heads, src.num_kv_heads, src.head_dim
     feats = src.q.shape[1]
-    a, b = half_split_pairs(d)
+    a, b = src.pairs
     k_heads = src.k.view(kv_heads, d, feats)
     q_heads = src.q.view(heads, d, feats) * q_scale
     rot = rotary_components(src, q_heads, cov_root)

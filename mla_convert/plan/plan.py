@@ -43,6 +43,11 @@ class Geometry:
     rope_theta: float
     rope_type: str
     tied: bool
+    rotary_dim: int = 0  # dimensions of each head that rotate (Phi-4-mini: 3/4 of head_dim); 0: all of them
+
+    def __post_init__(self) -> None:
+        if not self.rotary_dim:
+            self.rotary_dim = self.head_dim
 
     @property
     def kv_elements(self) -> int:
@@ -110,7 +115,15 @@ def geometry_of(config: Any, allow_full_attention: bool = False) -> Geometry:
         rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
         rope_type=rope.get("rope_type", "default"),
         tied=bool(getattr(config, "tie_word_embeddings", False)),
+        rotary_dim=rotary_dim_of(config, head_dim),
     )
+
+
+def rotary_dim_of(config: Any, head_dim: int) -> int:
+    """How many dimensions of each head rotate (`partial_rotary_factor` of head_dim; all by default)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    factor = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    return int(head_dim * factor)
 
 
 def make_plan(
@@ -146,9 +159,11 @@ def make_plan(
         return _engine_plan(
             config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride, density, allow_full_attention
         )
-    d, kv = geo.head_dim, geo.kv_heads
-    if d % 2:
-        raise ConversionError(f"head_dim {d} is odd; RoPE needs an even head dimension")
+    # d: the rotating width of a head (head_dim unless the source rotates only part of it; the rest of the
+    # head never rotates and rides in the latent exactly)
+    d, kv = geo.rotary_dim, geo.kv_heads
+    if d % 2 or geo.head_dim % 2:
+        raise ConversionError(f"head_dim {geo.head_dim} (rotating {d}) is odd; RoPE needs an even head dimension")
     if target == "portable" and rope_dim is not None and rope_dim > d and density == 1 and not rope_padding:
         density = -(-rope_dim // d)  # a rotary key wider than head_dim is a dense ladder
         if density > kv:
@@ -181,7 +196,7 @@ def make_plan(
     if kv_budget is not None:
         total = math.floor(kv_budget * geo.kv_elements)
         keeps_bias = geo.qkv_bias and target == "transformers"
-        lossless_latent = min((2 * kv - density) * d if target == "portable" else kv * d, geo.hidden + int(keeps_bias))
+        lossless_latent = min(geo.kv_elements - max_rope, geo.hidden + int(keeps_bias))
         if total >= max_rope + lossless_latent:
             rope_dim, kv_rank = max_rope, lossless_latent
         else:
@@ -228,7 +243,7 @@ def make_plan(
     for s in slots:
         if s is not None:
             slot_count[s[0]] += 1
-    structural = 2 * sum(kv - c for c in slot_count) + kv * d
+    structural = geo.kv_elements - 2 * sum(slot_count)  # every key and value element no slot holds
     full_kv_rank = min(structural, geo.hidden + (1 if geo.qkv_bias and target == "transformers" else 0))
     if kv_rank is None:
         kv_rank = full_kv_rank
@@ -259,8 +274,8 @@ def make_plan(
         )
 
     resolved_dtype = resolve_dtype(dtype, config)
-    source_scale = d**-0.5 * rope_scaling**2
-    target_scale = (d + rope_dim) ** -0.5
+    source_scale = geo.head_dim**-0.5 * rope_scaling**2
+    target_scale = (geo.head_dim + rope_dim) ** -0.5
     return Plan(
         target=target,
         geometry=geo,

@@ -25,13 +25,16 @@ class Family:
     fused_gate_up: bool = False  # mlp.gate_up_proj holds the gate rows, then the up rows (Phi-3)
     multipliers: bool = False  # embedding/attention/residual multipliers and logits scaling (Granite)
     qk_norm: bool = False  # per-head RMSNorm on queries and keys (Qwen3): approximated, never exact
+    partial_rotary: bool = False  # its modeling rotates only the first partial_rotary_factor of each head (Phi-3)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "Llama (incl. Llama 2/3/3.1/3.2, SmolLM/SmolLM2)", qkv_bias=None),
     "mistral": Family("mistral", "Mistral", qkv_bias=False),
     "qwen2": Family("qwen2", "Qwen2/Qwen2.5", qkv_bias=True),
-    "phi3": Family("phi3", "Phi-3/Phi-3.5", qkv_bias=False, fused_qkv=True, fused_gate_up=True),
+    "phi3": Family(
+        "phi3", "Phi-3/Phi-3.5/Phi-4-mini", qkv_bias=False, fused_qkv=True, fused_gate_up=True, partial_rotary=True
+    ),
     "granite": Family("granite", "Granite (3.x)", qkv_bias=None, multipliers=True),
     "qwen3": Family("qwen3", "Qwen3 (approximate: per-head q/k norms)", qkv_bias=None, qk_norm=True),
 }
@@ -95,7 +98,7 @@ def family_for(config: Any, allow_full_attention: bool = False) -> Family:
         raise ConversionError(
             f"unsupported architecture '{arch}' (model_type '{model_type}'); supported: {supported_list()}"
         )
-    _check_supported_settings(config, arch, allow_full_attention)
+    _check_supported_settings(config, arch, allow_full_attention, family.partial_rotary)
     return family
 
 
@@ -115,7 +118,7 @@ def sliding_window(config: Any) -> int | None:
     return int(window) if window < getattr(config, "max_position_embeddings", window + 1) else None
 
 
-def _check_supported_settings(config: Any, arch: str, allow_full_attention: bool) -> None:
+def _check_supported_settings(config: Any, arch: str, allow_full_attention: bool, partial_rotary: bool) -> None:
     """Refuse settings inside a supported family that the converter does not reproduce."""
     window = sliding_window(config)
     if window is not None and not allow_full_attention:
@@ -131,8 +134,16 @@ def _check_supported_settings(config: Any, arch: str, allow_full_attention: bool
             f"'{arch}' uses rope type '{rope_type}', which changes with sequence length; "
             f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))) != 1.0:
-        raise ConversionError(f"'{arch}' uses partial rotary embeddings; supported: full-width RoPE")
+    factor = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    if factor != 1.0 and not partial_rotary:
+        raise ConversionError(
+            f"'{arch}' uses partial rotary embeddings, which its family's modeling does not; supported: full-width RoPE"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if (head_dim * factor) % 2:
+        raise ConversionError(
+            f"'{arch}' rotates {head_dim * factor:g} dimensions of each head; RoPE needs an even count"
+        )
     if getattr(config, "mlp_bias", False):
         raise ConversionError(f"'{arch}' has MLP biases, which DeepSeek-V3's MLP cannot hold")
     if getattr(config, "hidden_act", "silu") != "silu":
