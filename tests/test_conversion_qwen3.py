@@ -60,6 +60,7 @@ def test_the_dry_run_says_qwen3_is_approximate(cli, qwen3: Path) -> None:
     assert "approximate at every width" in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # two whole calibrated runs, compared
 def test_measured_head_scales_beat_dropping_the_norm(qwen3: Path, tmp_path: Path, monkeypatch) -> None:
     options = Options(target="transformers", query_refit=False, verify=False, **CALIB)
     fitted = mean_attention_error(run(str(qwen3), tmp_path / "fitted", options))
@@ -69,6 +70,7 @@ def test_measured_head_scales_beat_dropping_the_norm(qwen3: Path, tmp_path: Path
     assert fitted < 0.6 * dropped  # measured 0.27 against 0.52
 
 
+@pytest.mark.slow  # two whole calibrated runs, one with layer steps
 def test_query_refit_and_layer_steps_fit_the_normalized_source(qwen3: Path, tmp_path: Path) -> None:
     base = run(str(qwen3), tmp_path / "base", Options(target="transformers", query_refit=False, verify=False, **CALIB))
     fitted = run(str(qwen3), tmp_path / "fit", Options(target="transformers", layer_steps=100, verify=False, **CALIB))

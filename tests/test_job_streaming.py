@@ -163,6 +163,7 @@ def rerun_files(cli, model_in: Path, tmp_path: Path, name: str, *args: str) -> d
     return {p.name: p.read_bytes() for p in sorted(model_out.iterdir())}
 
 
+@pytest.mark.slow  # three whole calibrated runs
 def test_same_input_and_seed_give_byte_identical_files(cli, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     args = ["--kv-budget", "0.5", "-q", *(f"--{k.replace('_', '-')}={v}" for k, v in QUICK_CALIB.items())]
     model_in = tiny_models["qwen2_gqa_bias"]
