@@ -18,18 +18,9 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mla_convert.job import Options, run
-from tests.conftest import COMMON, DEPENDENT_CONFIGS, TINY_CONFIGS, build_tiny
+from tests.conftest import COMMON, DEPENDENT_CONFIGS, TINY_CONFIGS, build_qwen3, build_tiny
 
 CALIB = dict(calib_tokens=2048, calib_seq_len=64, eval_tokens=512, finetune_steps=0, verify=False, validate=False)
-
-
-def qwen3() -> torch.nn.Module:
-    model = build_tiny(Qwen3Config(num_key_value_heads=2, **COMMON))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
-    return model
 
 
 @torch.no_grad()
@@ -48,7 +39,7 @@ def main() -> None:
     models |= {
         name: lambda make=make: build_tiny(make(), dependent_heads=True) for name, make in DEPENDENT_CONFIGS.items()
     }
-    models["qwen3_gqa"] = qwen3
+    models["qwen3_gqa"] = lambda: build_qwen3(Qwen3Config(num_key_value_heads=2, **COMMON))
     results = {}
     for name, make in models.items():
         source = args.out / name

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import Qwen3Config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mla_convert.conversion.driver as driver
 from mla_convert.job import Options, run
+from tests.conftest import build_qwen3
 
 SHAPE = dict(
     vocab_size=512,
@@ -42,12 +44,7 @@ ROWS = [
 
 
 def source(root: Path) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen3Config(**SHAPE)).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    model = build_qwen3(Qwen3Config(**SHAPE))  # seed 0, norm gains drawn from U(0.5, 1.5)
     path = root / "qwen3-random"
     model.save_pretrained(path)
     return path

@@ -130,6 +130,16 @@ def build_tiny(config: object, seed: int = 0, dependent_heads: bool = False) -> 
     return model
 
 
+def build_qwen3(config: object) -> torch.nn.Module:
+    """A random Qwen3 whose q/k norm gains are drawn from U(0.5, 1.5) (a fresh model's are all 1)."""
+    model = build_tiny(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 def key_rows(attn: torch.nn.Module, config: object) -> torch.Tensor:
     """The key projection's weight rows (a view: Phi-3 keeps them inside its fused qkv_proj)."""
     if hasattr(attn, "k_proj"):

@@ -13,7 +13,7 @@ from transformers import Qwen3Config
 import mla_convert.conversion.driver as driver
 from mla_convert.job import Options, run
 
-from .conftest import COMMON, QUICK_CALIB, build_tiny
+from .conftest import COMMON, QUICK_CALIB, build_qwen3
 from .helpers import load, random_ids
 
 CALIB = {**QUICK_CALIB, "calib_tokens": 2048}
@@ -21,12 +21,8 @@ CALIB = {**QUICK_CALIB, "calib_tokens": 2048}
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GQA Qwen3 whose norm gains are far from 1 (a fresh model's are all 1)."""
-    model = build_tiny(Qwen3Config(num_key_value_heads=2, **COMMON))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    """A tiny GQA Qwen3 whose norm gains are far from 1."""
+    model = build_qwen3(Qwen3Config(num_key_value_heads=2, **COMMON))
     path = tmp_path_factory.mktemp("qwen3") / "qwen3"
     model.save_pretrained(path)
     return path

@@ -24,9 +24,9 @@ from ..source.canonical import Canonical, canonical
 from ..source.checkpoint import Source
 from ..source.families import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
 from ..util import resources
+from ..util.tensors import scaled
 
 Sink = Callable[[str, torch.Tensor], None]
-SCALE_ROWS = 4096
 
 
 @dataclass
@@ -121,8 +121,8 @@ def key_energies(
     out = []
     work = work_dtype(out_dtype, covariances is not None)
     for i in range(geo.layers):
-        root = psd_root(covariances[i])[0] if covariances is not None else None
         cov = covariances[i] if covariances is not None else None
+        root = psd_root(cov)[0] if cov is not None else None
         src = read_attention(source, geo, i, keep_bias, dtype=work, cov=cov)
         out.append(rotary_components(src, cov_root=root).energy.to(torch.float64))
     return torch.stack(out)
@@ -210,23 +210,6 @@ def near_energy(plan: Plan, energy: torch.Tensor) -> float:
     if plan.density == 1 or total <= 0:
         return 0.0
     return sum(float(energy[s[0], s[1]]) for s in plan.slots if s is not None and s[1] > 0) / total
-
-
-def scaled(tensor: torch.Tensor, factor: float, dtype: torch.dtype, in_place: bool = False) -> torch.Tensor:
-    """tensor * factor, multiplied in a wider type and rounded to dtype, a block of rows at a time.
-
-    Blocks keep memory near the output's size (a whole 7B embedding in float64 would take 1 GB), and
-    in_place (for a tensor the caller owns, already in dtype) reuses the input's memory.
-    """
-    if factor == 1.0:
-        return tensor
-    if tensor.dtype == dtype and dtype in (torch.bfloat16, torch.float16):
-        # 16-bit ops compute in float32 and round once: the same as widening by hand, without the copies
-        return tensor.mul_(factor) if in_place else tensor * factor
-    out = tensor if in_place and tensor.dtype == dtype else torch.empty(tensor.shape, dtype=dtype)
-    for start in range(0, tensor.shape[0], SCALE_ROWS):
-        out[start : start + SCALE_ROWS] = tensor[start : start + SCALE_ROWS].to(torch.float64) * factor
-    return out
 
 
 def convert(

@@ -18,7 +18,7 @@ from ..mla.exact import Slot
 from ..mla.latent_norm import LATENT_NORM_EPS
 from ..mla.rotary import ladder, match_ladder, near_slots, portable_theta, source_inv_freq
 from ..options import FLOAT16_REFUSED, TARGETS, VLLM_LATENT, VLLM_ROPE, check_engine, check_ranks
-from ..source.families import Family, family_for, has_qkv_bias, sliding_window
+from ..source.families import Family, family_for, has_qkv_bias, head_dim_of, rotary_factor, sliding_window
 
 # The smallest budget docs/results.md measured, and what it gave: below it a setting is unmeasured.
 MEASURED_FLOOR = 0.125
@@ -43,11 +43,7 @@ class Geometry:
     rope_theta: float
     rope_type: str
     tied: bool
-    rotary_dim: int = 0  # dimensions of each head that rotate (Phi-4-mini: 3/4 of head_dim); 0: all of them
-
-    def __post_init__(self) -> None:
-        if not self.rotary_dim:
-            self.rotary_dim = self.head_dim
+    rotary_dim: int  # dimensions of each head that rotate (head_dim; Phi-4-mini: 3/4 of it)
 
     @property
     def kv_elements(self) -> int:
@@ -100,7 +96,7 @@ def geometry_of(config: Any, allow_full_attention: bool = False) -> Geometry:
     family = family_for(config, allow_full_attention)
     heads = config.num_attention_heads
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = head_dim_of(config)
     return Geometry(
         arch=(getattr(config, "architectures", None) or [config.model_type])[0],
         family=family,
@@ -115,15 +111,8 @@ def geometry_of(config: Any, allow_full_attention: bool = False) -> Geometry:
         rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
         rope_type=rope.get("rope_type", "default"),
         tied=bool(getattr(config, "tie_word_embeddings", False)),
-        rotary_dim=rotary_dim_of(config, head_dim),
+        rotary_dim=int(head_dim * rotary_factor(config)),
     )
-
-
-def rotary_dim_of(config: Any, head_dim: int) -> int:
-    """How many dimensions of each head rotate (`partial_rotary_factor` of head_dim; all by default)."""
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    factor = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
-    return int(head_dim * factor)
 
 
 def make_plan(

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from ..util.tensors import scaled
 from .checkpoint import Source
-from .families import EMBED, LAYER_TENSORS, LM_HEAD, Family, family_for
+from .families import EMBED, LAYER_TENSORS, LM_HEAD, Family, family_for, head_dim_of
 
 _LAYER = "model.layers."
 
@@ -39,7 +40,7 @@ class Scales:
     def of(cls, family: Family, config: Any) -> Scales:
         if not family.multipliers:
             return cls()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         return cls(
             embedding=float(getattr(config, "embedding_multiplier", 1.0)),
             query=float(getattr(config, "attention_multiplier", head_dim**-0.5)) * math.sqrt(head_dim),
@@ -56,7 +57,7 @@ class Canonical:
         self.family = family_for(source.config, allow_full_attention=True)  # the plan has judged the window
         self.scales = Scales.of(self.family, source.config)
         config = source.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         q_rows, kv_rows = config.num_attention_heads * head_dim, kv_heads * head_dim
         self._qkv = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
@@ -80,7 +81,7 @@ class Canonical:
         if rows is not None:
             tensor = tensor[rows[0] : rows[1]]
             tensor = tensor.clone() if self.source.streams else tensor.contiguous()
-        return _times(tensor, factor) if factor != 1.0 else tensor
+        return scaled(tensor, factor, tensor.dtype, in_place=self.source.streams)  # owned: fresh from disk
 
     def _stored(self, name: str) -> tuple[str, tuple[int, int] | None, float] | None:
         """(stored name, row range or None, factor) for a Llama name; None when the name is not one we map."""
@@ -106,15 +107,6 @@ class Canonical:
             return f"{prefix}mlp.gate_up_proj{suffix}", span, 1.0
         factor = {"q": s.query, "o": s.residual, "down": s.residual}.get(key, 1.0)
         return name, None, factor
-
-
-def _times(tensor: torch.Tensor, factor: float, block: int = 4096) -> torch.Tensor:
-    """tensor * factor in float64, rounded once to tensor's dtype, a block of rows at a time (a 7B model's
-    embedding table would take 4 GB in float64 at once)."""
-    out = torch.empty_like(tensor)
-    for start in range(0, tensor.shape[0], block):
-        out[start : start + block] = tensor[start : start + block].to(torch.float64) * factor
-    return out
 
 
 def canonical(source: Source) -> Canonical:

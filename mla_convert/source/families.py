@@ -108,6 +108,17 @@ def has_qkv_bias(family: Family, config: Any) -> bool:
     return family.qkv_bias
 
 
+def head_dim_of(config: Any) -> int:
+    """Each attention head's width: the config's head_dim, or hidden_size over the heads where it has none."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_factor(config: Any) -> float:
+    """The share of each head that rotates (`partial_rotary_factor`, in rope_parameters or beside them)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+
+
 def sliding_window(config: Any) -> int | None:
     """The attention window a source uses, or None when it attends to all earlier tokens."""
     window = getattr(config, "sliding_window", None)
@@ -134,12 +145,12 @@ def _check_supported_settings(config: Any, arch: str, allow_full_attention: bool
             f"'{arch}' uses rope type '{rope_type}', which changes with sequence length; "
             f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    factor = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    factor = rotary_factor(config)
     if factor != 1.0 and not partial_rotary:
         raise ConversionError(
             f"'{arch}' uses partial rotary embeddings, which its family's modeling does not; supported: full-width RoPE"
         )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     if (head_dim * factor) % 2:
         raise ConversionError(
             f"'{arch}' rotates {head_dim * factor:g} dimensions of each head; RoPE needs an even count"
