@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GraniteConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3MoeConfig,
+)
 from typer.testing import CliRunner
 
 from mla_convert.cli import app
@@ -137,6 +147,41 @@ def build_qwen3(config: object) -> torch.nn.Module:
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
             layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+MOE_CONFIGS: dict[str, Callable[[], object]] = {
+    # softmax top-2, renormalized: DeepSeek-V3's sigmoid router, approximate weights
+    "mixtral": lambda: MixtralConfig(
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, **COMMON
+    ),
+    # renormalized too, with a leading dense layer and per-head q/k norms
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        **COMMON,
+    ),
+    # softmax top-2 without renormalizing: DeepSeek-V2's router computes it exactly
+    "olmoe": lambda: OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **COMMON),
+}
+
+
+def build_moe(name: str) -> torch.nn.Module:
+    """A tiny MoE source whose routers' logits spread like a trained model's (a fresh router's are near zero,
+    where every expert ties) and, where it has them, whose q/k norm gains are far from 1."""
+    model = build_tiny(MOE_CONFIGS[name]())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "weight") and gate.weight.dim() == 2:
+                gate.weight.normal_(0.0, 0.3)
+            for norm in ("q_norm", "k_norm"):
+                if hasattr(layer.self_attn, norm):
+                    getattr(layer.self_attn, norm).weight.uniform_(0.5, 1.5)
     return model
 
 

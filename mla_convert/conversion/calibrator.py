@@ -13,11 +13,21 @@ from typing import Any
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
+from ..mla.routing import best_sigmoid_scale
 from ..plan.plan import Plan
 from ..source.checkpoint import Source
 from ..source.layers import SourceLayers
 from .driver import LayerStats
-from .layer_fit import attention_error, batched, build_layer, deepseek_runtime_config, rotary, second_moment
+from .layer_fit import (
+    attention_error,
+    batched,
+    build_layer,
+    converted_experts,
+    deepseek_runtime_config,
+    relative,
+    rotary,
+    second_moment,
+)
 from .query_refit import refit_queries
 from .reconstruct import reconstruct
 
@@ -59,15 +69,18 @@ class SequentialCalibrator:
         stream on."""
         x = self._x
         assert x is not None
-        layer = build_layer(self.config, index, tensors, x.device)
-        src_attn = self.source.layer(index).self_attn
+        src_layer = self.source.layer(index)
+        runtime = dict(tensors)
+        if isinstance(getattr(src_layer.mlp, "experts", None), torch.nn.Module):
+            runtime.update(converted_experts(src_layer, index, self.lam))
+        layer = build_layer(self.config, index, runtime, x.device)
+        src_attn = src_layer.self_attn
         ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * (self.lam * self.source.residual)
         prefix = f"model.layers.{index}.self_attn."
         if self.query_refit and prefix + "q_proj.weight" in tensors:
             refit = refit_queries(layer.self_attn, src_attn, x, self.ds_pos, self.src_pos, ref)
             stats.query_error_before, stats.query_error_after = refit.before, refit.after
             tensors[prefix + "q_proj.weight"] = layer.self_attn.q_proj.weight.detach().clone()
-        self.source.release(index)
         if self.refit_output:
             refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
         if self.layer_steps > 0:
@@ -78,8 +91,42 @@ class SequentialCalibrator:
                 if prefix + name in tensors:
                     tensors[prefix + name] = tensor.detach().clone()
         stats.attn_output_error = attention_error(layer.self_attn, x, ref, self.ds_pos)
+        if isinstance(getattr(layer.mlp, "experts", None), torch.nn.Module):
+            if getattr(self.config, "scoring_func", None) == "sigmoid":
+                fit_router_scale(layer, self.h, self.ds_pos, tensors, index, stats)
+            stats.moe_output_error = moe_error(layer, src_layer, self.h, self.ds_pos, self.lam * self.source.residual)
         self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
+        self.source.release(index)
         self._x = None
+
+
+@torch.no_grad()
+def fit_router_scale(
+    layer: Any, h: torch.Tensor, pos: Any, tensors: dict[str, torch.Tensor], index: int, stats: LayerStats
+) -> None:
+    """Scale a DeepSeek-V3 router so its sigmoid weights come closest to the source's renormalized softmax on
+    these tokens (mla/routing.py); the experts chosen do not change."""
+    gate = layer.mlp.gate
+    logits = batched(lambda t: torch.nn.functional.linear(mlp_input(layer, t, pos), gate.weight), h)
+    scale, before, after = best_sigmoid_scale(logits, gate.top_k)
+    name = f"model.layers.{index}.mlp.gate.weight"
+    tensors[name] = tensors[name] * scale
+    gate.weight.mul_(scale)
+    stats.router_scale, stats.router_weight_error_before, stats.router_weight_error_after = scale, before, after
+
+
+def mlp_input(layer: Any, h: torch.Tensor, pos: Any) -> torch.Tensor:
+    """What a converted layer's MLP sees for residual stream h: the stream after attention, normalized."""
+    out = h + layer.self_attn(layer.input_layernorm(h), pos, None)[0]
+    return layer.post_attention_layernorm(out)
+
+
+@torch.no_grad()
+def moe_error(layer: Any, src_layer: Any, h: torch.Tensor, pos: Any, scale: float) -> float:
+    """Relative error of the converted MoE block's output against the source's, on the same inputs (the
+    stream after the converted attention): what the target's routing weights cost, nothing else."""
+    z = batched(lambda t: mlp_input(layer, t, pos), h)
+    return relative(batched(layer.mlp, z), batched(src_layer.mlp, z) * scale)
 
 
 def refit_output_projection(

@@ -7,7 +7,7 @@ With a calibrator, each layer is fitted to the activations that the already conv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +46,10 @@ class LayerStats:
     reconstruction_steps: int | None = None
     held_out_error_before: float | None = None
     held_out_error_after: float | None = None
+    moe_output_error: float | None = None  # MoE layer: converted expert mix against the source's, same inputs
+    router_scale: float | None = None  # DeepSeek-V3 target: the router's scale fitted to the source's weights
+    router_weight_error_before: float | None = None  # ... the top-k weights' mean squared error at scale 1
+    router_weight_error_after: float | None = None  # ... and at the fitted scale
 
 
 class Calibrator(Protocol):
@@ -97,8 +101,10 @@ def read_attention(
     if geo.family.qk_norm:
         moment = cov if cov is not None else input_second_moment(view.get(f"{_layer_name('input_norm', i)}.weight"))
         eps = geo.rms_norm_eps
-        q = linearized(q, view.get(f"{_layer_name('q_norm', i)}.weight").to(dtype), geo.heads, eps, moment)
-        k = linearized(k, view.get(f"{_layer_name('k_norm', i)}.weight").to(dtype), geo.kv_heads, eps, moment)
+        per_head = geo.family.qk_norm_heads  # else one norm over all heads (OLMoE): one "head" of all rows
+        q_groups, k_groups = (geo.heads, geo.kv_heads) if per_head else (1, 1)
+        q = linearized(q, view.get(f"{_layer_name('q_norm', i)}.weight").to(dtype), q_groups, eps, moment)
+        k = linearized(k, view.get(f"{_layer_name('k_norm', i)}.weight").to(dtype), k_groups, eps, moment)
     return SourceAttention(
         q=q,
         k=k,
@@ -173,10 +179,7 @@ def layer_tensors(
     tensors = {f"{prefix}self_attn.{k}": v for k, v in attn.tensors.items()}
     tensors[f"{prefix}input_layernorm.weight"] = input_norm
     tensors[f"{prefix}post_attention_layernorm.weight"] = view.get(f"{_layer_name('post_norm', i)}.weight")
-    for key in ("gate", "up"):
-        tensors[f"{prefix}mlp.{key}_proj.weight"] = view.get(f"{_layer_name(key, i)}.weight")
-    down = view.get(f"{_layer_name('down', i)}.weight")
-    tensors[f"{prefix}mlp.down_proj.weight"] = scaled(down, plan.residual_scale, plan.dtype, view.streams)
+    tensors.update(mlp_tensors(view, plan, i))
 
     rec = factors.up @ factors.down
     rows = geo.kv_heads * geo.head_dim
@@ -194,6 +197,44 @@ def layer_tensors(
         stats.k_act_error = activation_error(src.k, src.k - (form.kv[:rows] - rec[:rows]), cov)
         stats.v_act_error = activation_error(form.kv[rows:], rec[rows:], cov)
     return tensors, stats
+
+
+def is_moe_layer(geo: Geometry, i: int) -> bool:
+    return geo.experts is not None and i >= geo.experts.dense_layers
+
+
+def mlp_tensors(view: Canonical, plan: Plan, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's MLP as DeepSeek names it: the dense projections, or a MoE layer's router (and, for DeepSeek-V3,
+    its zero selection bias). A MoE layer's experts are not here: `expert_tensors` streams them."""
+    geo, prefix = plan.geometry, f"model.layers.{i}.mlp."
+    if is_moe_layer(geo, i):
+        assert geo.experts is not None
+        out = {prefix + "gate.weight": view.get(geo.experts.router(i))}
+        # no shared expert: zero-width tensors, so transformers' zero-width module loads without a gap
+        out[prefix + "shared_experts.gate_proj.weight"] = torch.zeros(0, geo.hidden)
+        out[prefix + "shared_experts.up_proj.weight"] = torch.zeros(0, geo.hidden)
+        out[prefix + "shared_experts.down_proj.weight"] = torch.zeros(geo.hidden, 0)
+        if geo.target_class == "DeepseekV3ForCausalLM":
+            out[prefix + "gate.e_score_correction_bias"] = torch.zeros(geo.experts.count, dtype=torch.float32)
+        return out
+    out = {f"{prefix}{key}_proj.weight": view.get(f"{_layer_name(key, i)}.weight") for key in ("gate", "up")}
+    down = view.get(f"{_layer_name('down', i)}.weight")
+    out[prefix + "down_proj.weight"] = scaled(down, plan.residual_scale, plan.dtype, view.streams)
+    return out
+
+
+def expert_tensors(view: Canonical, plan: Plan, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """A MoE layer's expert projections, one tensor at a time: they are most of such a model's weights, and
+    pass through unchanged (down_proj rescaled with the residual stream), so memory holds one of them."""
+    geo = plan.geometry
+    if not is_moe_layer(geo, i):
+        return
+    assert geo.experts is not None
+    for name in geo.experts.expert_tensors(i):
+        tensor = view.get(name)
+        if name.endswith("down_proj.weight"):
+            tensor = scaled(tensor, plan.residual_scale, plan.dtype, view.streams)
+        yield name, tensor
 
 
 def _output_bias(view: Canonical, plan: Plan, i: int) -> torch.Tensor | None:
@@ -232,6 +273,9 @@ def convert(
         for name, tensor in tensors.items():
             sink(name, tensor)
         del tensors  # else the previous layer stays alive while the next one is computed
+        for name, tensor in expert_tensors(view, plan, i):
+            sink(name, tensor)
+            del tensor
         resources.return_free_memory()  # else the fragmented C heap grows layer after layer
         stats.append(layer)
         if on_layer:

@@ -10,8 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DeepseekV3Config
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3DecoderLayer
+from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3DecoderLayer,
+    DeepseekV3MoE,
+)
 
 from ..plan.plan import Plan
 from ..plan.target_config import deepseek_config
@@ -59,7 +64,25 @@ def attention_error(attn: Any, x: torch.Tensor, target: torch.Tensor, pos: Any) 
 def build_layer(
     config: DeepseekV3Config, index: int, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu"
 ) -> DeepseekV3DecoderLayer:
-    return _built(DeepseekV3DecoderLayer, config, index, f"model.layers.{index}.", tensors, device)
+    """A converted decoder layer. Its attention is DeepSeek-V3's (DeepSeek-V2's computes the same with
+    interleaved rotary pairs); a MoE layer of a DeepSeek-V2 target routes as DeepSeek-V2 does."""
+    with torch.device("meta"):
+        layer = DeepseekV3DecoderLayer(config, index)
+        if isinstance(layer.mlp, DeepseekV3MoE) and getattr(config, "scoring_func", None) == "softmax":
+            keys = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+            layer.mlp = DeepseekV2Moe(DeepseekV2Config(**keys))
+    prefix = f"model.layers.{index}."
+    return materialise(layer, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, str(device))
+
+
+def converted_experts(source_layer: Any, index: int, scale: float) -> dict[str, torch.Tensor]:
+    """The fused experts of a converted MoE layer (full names), taken from the source layer in memory:
+    the experts pass through unchanged (down_proj times the residual scale)."""
+    prefix, experts = f"model.layers.{index}.mlp.", source_layer.mlp.experts
+    return {
+        prefix + "experts.gate_up_proj": experts.gate_up_proj.detach(),
+        prefix + "experts.down_proj": experts.down_proj.detach() * scale,
+    }
 
 
 def build_attention(

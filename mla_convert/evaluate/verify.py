@@ -32,9 +32,17 @@ class Verification:
     top1_agreement: float
     kl_mean: float
     measured_cache_elements: int
+    routing_agreement: list[float] | None = None  # MoE: per expert layer, share of tokens with the same experts
 
     def as_dict(self) -> dict[str, Any]:
+        routing = {}
+        if self.routing_agreement is not None:
+            routing = {
+                "routing_agreement_per_layer": self.routing_agreement,
+                "routing_agreement": sum(self.routing_agreement) / len(self.routing_agreement),
+            }
         return {
+            **routing,
             "tokens": self.tokens,
             "max_abs_logit_diff": self.max_abs_logit_diff,
             "top1_agreement": self.top1_agreement,
@@ -64,9 +72,12 @@ def load_converted(path: Path) -> Any:
 @torch.no_grad()
 def verify(source: Source, converted_dir: Path, *, tokens: int = 128, seed: int = 0) -> Verification:
     ids = check_tokens(source, tokens, source.config.vocab_size, seed)
-    ref_logits = source.model()(ids).logits.float()
+    source_model = source.model()
+    with ExpertChoices(source_model) as source_choices:
+        ref_logits = source_model(ids).logits.float()
     model = load_converted(converted_dir)
-    out = model(ids, use_cache=True)
+    with ExpertChoices(model) as choices:
+        out = model(ids, use_cache=True)
     logits = out.logits.float()
     layer0 = output_cache(out).layers[0]
     cache_width = layer0.keys.shape[1] * layer0.keys.shape[-1] + layer0.values.shape[1] * layer0.values.shape[-1]
@@ -78,4 +89,52 @@ def verify(source: Source, converted_dir: Path, *, tokens: int = 128, seed: int 
         top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
         kl_mean=float(kl),
         measured_cache_elements=int(cache_width),
+        routing_agreement=choices.agreement(source_choices) if choices.picked else None,
     )
+
+
+class ExpertChoices:
+    """The experts each MoE layer picks per token, captured from its router's input during a forward pass.
+
+    The routers of every MoE family here (and DeepSeek's, with one group and a zero selection bias) pick the
+    top-k of the logits W x, so the choice is recomputed from the router's own weight and input alike on
+    both sides."""
+
+    def __init__(self, model: Any):
+        self.routers = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name.endswith("mlp.gate") and isinstance(getattr(module, "weight", None), torch.Tensor)
+        ]
+        self.picked: dict[str, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> ExpertChoices:
+        for name, module in self.routers:
+            self._hooks.append(module.register_forward_pre_hook(self._capture(name, module)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _capture(self, name: str, module: Any) -> Any:
+        def hook(mod: Any, args: tuple[Any, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            top_k = int(getattr(mod, "top_k", None) or mod.config.num_experts_per_tok)
+            logits = torch.nn.functional.linear(x, module.weight.float())
+            self.picked[name] = logits.topk(top_k, dim=-1).indices.sort(-1).values
+
+        return hook
+
+    def agreement(self, other: ExpertChoices) -> list[float]:
+        """Per layer (in order), the share of tokens whose expert set is the same in both."""
+        return [
+            float((self.picked[name] == other.picked[name]).all(-1).float().mean())
+            for name in sorted(self.picked, key=_layer_index)
+            if name in other.picked
+        ]
+
+
+def _layer_index(name: str) -> int:
+    return int(name.split("layers.")[1].split(".")[0])

@@ -18,7 +18,16 @@ from ..mla.exact import Slot
 from ..mla.latent_norm import LATENT_NORM_EPS
 from ..mla.rotary import ladder, match_ladder, near_slots, portable_theta, source_inv_freq
 from ..options import FLOAT16_REFUSED, TARGETS, VLLM_LATENT, VLLM_ROPE, check_engine, check_ranks
-from ..source.families import Family, family_for, has_qkv_bias, head_dim_of, rotary_factor, sliding_window
+from ..source.families import (
+    Experts,
+    Family,
+    experts_of,
+    family_for,
+    has_qkv_bias,
+    head_dim_of,
+    rotary_factor,
+    sliding_window,
+)
 
 # The smallest budget docs/results.md measured, and what it gave: below it a setting is unmeasured.
 MEASURED_FLOOR = 0.125
@@ -44,6 +53,18 @@ class Geometry:
     rope_type: str
     tied: bool
     rotary_dim: int  # dimensions of each head that rotate (head_dim; Phi-4-mini: 3/4 of it)
+    intermediate: int = 0  # the dense MLP's width (a MoE source's leading dense layers)
+    experts: Experts | None = None  # a MoE source's routing; None for a dense source
+
+    @property
+    def target_class(self) -> str:
+        """The stock class whose router computes the source's routing (see docs/method.md, "MoE sources").
+
+        DeepSeek-V2 routes by a softmax's top-k without renormalizing (OLMoE, Qwen3-MoE without norm_topk_prob:
+        exact); DeepSeek-V3 by a sigmoid's renormalized top-k, the closest to a renormalized softmax (Mixtral).
+        A dense source is written as DeepSeek-V3, whose router it never uses.
+        """
+        return "DeepseekV2ForCausalLM" if self.experts and not self.experts.renormalize else "DeepseekV3ForCausalLM"
 
     @property
     def kv_elements(self) -> int:
@@ -112,7 +133,31 @@ def geometry_of(config: Any, allow_full_attention: bool = False) -> Geometry:
         rope_type=rope.get("rope_type", "default"),
         tied=bool(getattr(config, "tie_word_embeddings", False)),
         rotary_dim=int(head_dim * rotary_factor(config)),
+        intermediate=int(config.intermediate_size),
+        experts=experts_of(family, config),
     )
+
+
+def family_warnings(geo: Geometry) -> list[str]:
+    """What a family's conversion approximates at every width, said in the plan, dry run, report and card."""
+    out = []
+    if geo.family.qk_norm:
+        span = "each head's" if geo.family.qk_norm_heads else "all heads'"
+        out.append(
+            f"{geo.arch} normalizes {span} queries and keys (q_norm, k_norm), which DeepSeek-V3 cannot "
+            "express: each norm becomes a fixed per-head scale measured on calibration text, so the conversion is "
+            "approximate at every width, --target transformers included; the report gives each layer's attention "
+            "output error"
+        )
+    experts = geo.experts
+    if experts is not None and experts.renormalize:
+        out.append(
+            f"{geo.arch} weights its top-{experts.top_k} experts by a renormalized softmax, which no stock class "
+            "with MLA computes in every engine: DeepSeek-V3's router picks the same experts (a sigmoid ranks the "
+            "router's logits as a softmax does) but weights them by renormalized sigmoids, so the expert mix is "
+            "approximate; the report gives each layer's routing agreement and output error"
+        )
+    return out
 
 
 def make_plan(
@@ -166,13 +211,7 @@ def make_plan(
         raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
     max_rope = density * d if target == "portable" else kv * d
     warnings: list[str] = []
-    if geo.family.qk_norm:
-        warnings.append(
-            f"{geo.arch} normalizes each head's queries and keys (q_norm, k_norm), which DeepSeek-V3 cannot "
-            "express: each norm becomes a fixed per-head scale measured on calibration text, so the conversion is "
-            "approximate at every width, --target transformers included; the report gives each layer's attention "
-            "output error"
-        )
+    warnings.extend(family_warnings(geo))
     window = sliding_window(config)
     if window is not None:
         warnings.append(

@@ -57,6 +57,7 @@ def describe(
     samples = options.method == "activation" and plan.compressed and not options.calib_data
     models = 2 if trains else 1 if samples or options.validate or options.verify else 0
     return {
+        "target_class": geo.target_class,
         "kv_lora_rank": plan.latent_width,
         "real_latent_components": plan.kv_rank,
         "lossless_kv_rank": plan.full_kv_rank,
@@ -104,6 +105,7 @@ def preview_lines(d: dict[str, Any], device: str) -> list[str]:
     if d["kv_lora_rank"] > d["real_latent_components"]:
         latent += f" ({d['real_latent_components']} real, {d['kv_lora_rank'] - d['real_latent_components']} zero)"
     lines = [
+        f"writes: a stock {d['target_class']} checkpoint",
         f"widths: kv_lora_rank {latent} (lossless {d['lossless_kv_rank']}), qk_rope_head_dim "
         f"{d['qk_rope_head_dim']}, dtype {d['dtype']} — {d['split']}",
     ]

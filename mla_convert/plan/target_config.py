@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from ..mla.latent_norm import LATENT_NORM_EPS
-from .plan import Plan
+from .plan import Geometry, Plan
+
+MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 
 TRANSFORMERS_ONLY = (
     "Converted with --target transformers: per-dimension rotary frequencies (longrope factors)"
@@ -64,12 +66,12 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
     geo = plan.geometry
     max_positions = int(getattr(source_config, "max_position_embeddings", 4096))
     config: dict[str, Any] = {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+        "architectures": [geo.target_class],
+        "model_type": MODEL_TYPES[geo.target_class],
         "vocab_size": geo.vocab,
         "hidden_size": geo.hidden,
-        "intermediate_size": int(source_config.intermediate_size),
-        "moe_intermediate_size": int(source_config.intermediate_size),
+        "intermediate_size": geo.intermediate,
+        "moe_intermediate_size": geo.intermediate,
         "num_hidden_layers": geo.layers,
         "num_attention_heads": geo.heads,
         "num_key_value_heads": geo.heads,
@@ -102,11 +104,37 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
         "pad_token_id": getattr(source_config, "pad_token_id", None),
         "dtype": DTYPE_NAMES[plan.dtype],
     }
+    if geo.experts is not None:
+        config.update(expert_keys(geo))
     if plan.target == "transformers":
         config["mla_convert_warning"] = TRANSFORMERS_ONLY
     else:
         config.update(legacy_rope_keys(config["rope_parameters"]))
     return config
+
+
+def expert_keys(geo: Geometry) -> dict[str, Any]:
+    """The routing keys of a MoE source, written so transformers, vLLM and llama.cpp route alike.
+
+    No shared expert (the sources have none): transformers builds a zero-width one, vLLM none. One expert
+    group, so group-limited routing is plain top-k. DeepSeek-V2 (softmax, greedy top-k, no renormalization)
+    reads `topk_method`; vLLM also reads `scoring_func` and `norm_topk_prob`, written out so no default decides.
+    DeepSeek-V3 scores with a sigmoid in transformers whatever `scoring_func` says: it is written `sigmoid`
+    so vLLM does the same, with a zero selection bias (`noaux_tc`) that leaves the choice to the logits.
+    """
+    experts = geo.experts
+    assert experts is not None
+    v2 = geo.target_class == "DeepseekV2ForCausalLM"
+    return {
+        "moe_intermediate_size": experts.width,
+        "first_k_dense_replace": experts.dense_layers,
+        "n_routed_experts": experts.count,
+        "n_shared_experts": 0,
+        "num_experts_per_tok": experts.top_k,
+        "norm_topk_prob": experts.renormalize,
+        "scoring_func": "softmax" if v2 else "sigmoid",
+        "topk_method": "greedy" if v2 else "noaux_tc",
+    }
 
 
 def legacy_rope_keys(rope: dict[str, Any]) -> dict[str, Any]:

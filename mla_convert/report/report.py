@@ -6,8 +6,9 @@ Schema of mla_report.json (version 1):
           shows), hub_id (the hub repo it was given as, or the `org/name` its config.json's `_name_or_path`
           declares, else null), license (its README.md's `license:`, else config.json's, else null), and
           license_name, license_link (only with `license: other`), architecture, layers, heads, kv_heads,
-          head_dim},
-  settings {target, kv_lora_rank (as written, zero padding included), latent_rank (real latent components),
+          head_dim, and for a MoE source experts {count, top_k, width, dense_layers, renormalize}},
+  settings {target, target_class (the stock class written), kv_lora_rank (as written, zero padding included),
+            latent_rank (real latent components),
             qk_rope_head_dim, engine (--engine or null), rope_theta, rotary_stride, rotary_density, dtype, split_reason,
             lossless_kv_rank, rotary_slots [[frequency_index, component] | null]},
   kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer (what engines hold,
@@ -19,11 +20,14 @@ Schema of mla_report.json (version 1):
           with --layer-steps: reconstruction_steps, held_out_error_before, held_out_error_after (relative
           attention-output error on held-out calibration windows around the layer-wise reconstruction), and with
           --query-refit: query_refit_error_before, query_refit_error_after (the same error around the query refit;
-          equal when the refit was undone)}]
+          equal when the refit was undone), and for a calibrated MoE layer moe_output_error (the converted expert mix
+          against the source's on the same inputs: what the target's routing weights cost) and, for a DeepSeek-V3
+          target, router_scale with router_weight_error_before/after (the top-k weights' mean squared error against
+          the source's renormalized softmax at router scale 1 and at the fitted scale)}]
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
            rope_energy_kept_min, rope_energy_near_mean, and with calibration k_act_error_*, v_act_error_*,
-           attn_output_error_* (mean, max)},
+           attn_output_error_* (mean, max), and for a MoE source moe_output_error_* (mean, max)},
   calibration {method, source, tokens} or null,
   evaluation (one-shot, before any fine-tune) {text, tokens, source_perplexity, converted_perplexity,
               perplexity_ratio, kl_to_source, top1_agreement} or null,
@@ -42,6 +46,7 @@ Schema of mla_report.json (version 1):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -114,6 +119,9 @@ class Report:
             for key in ("k_act_error", "v_act_error", "attn_output_error"):
                 out[f"{key}_mean"] = stat(key, mean)
                 out[f"{key}_max"] = stat(key, max)
+            moe = [layer.moe_output_error for layer in self.layers if layer.moe_output_error is not None]
+            if moe:
+                out["moe_output_error_mean"], out["moe_output_error_max"] = float(mean(moe)), float(max(moe))
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -129,9 +137,11 @@ class Report:
                 "heads": geo.heads,
                 "kv_heads": geo.kv_heads,
                 "head_dim": geo.head_dim,
+                **({} if geo.experts is None else {"experts": dataclasses.asdict(geo.experts)}),
             },
             "settings": {
                 "target": plan.target,
+                "target_class": geo.target_class,
                 "kv_lora_rank": plan.latent_width,
                 "latent_rank": plan.kv_rank,
                 "qk_rope_head_dim": plan.rope_dim,
@@ -172,6 +182,16 @@ class Report:
                             "reconstruction_steps": layer.reconstruction_steps,
                             "held_out_error_before": layer.held_out_error_before,
                             "held_out_error_after": layer.held_out_error_after,
+                        }
+                    ),
+                    **({} if layer.moe_output_error is None else {"moe_output_error": layer.moe_output_error}),
+                    **(
+                        {}
+                        if layer.router_scale is None
+                        else {
+                            "router_scale": layer.router_scale,
+                            "router_weight_error_before": layer.router_weight_error_before,
+                            "router_weight_error_after": layer.router_weight_error_after,
                         }
                     ),
                 }

@@ -1,8 +1,9 @@
 """The source's tensors under Llama's names and with Llama's meaning, whatever the family stores.
 
 The conversion reads only this view, so every family reaches it as a plain Llama layer: Phi-3's fused
-q/k/v and gate/up projections are split, and Granite's constant multipliers are folded into the weights
-they multiply (exactly: each is a scalar on a linear map):
+q/k/v and gate/up projections are split, a MoE family's router and experts appear under DeepSeek's names
+(`mlp.gate`, `mlp.experts.{j}.gate_proj/up_proj/down_proj`), and Granite's constant multipliers are folded
+into the weights they multiply (exactly: each is a scalar on a linear map):
 - `embedding_multiplier` scales the embedding table;
 - `attention_multiplier` replaces the softmax scale 1/sqrt(head_dim): the queries are multiplied by
   attention_multiplier * sqrt(head_dim);
@@ -94,6 +95,12 @@ class Canonical:
         if not name.startswith(_LAYER):
             return None
         index = name[len(_LAYER) :].split(".", 1)[0]
+        if (
+            f.moe is not None
+            and name.startswith(f"{_LAYER}{index}.mlp.")
+            and ("mlp.gate." in name or ".experts." in name)
+        ):
+            return self._stored_expert(name, index), None, 1.0
         key = next((k for k, t in LAYER_TENSORS.items() if name.startswith(t.format(i=index) + ".")), None)
         if key is None:
             return None
@@ -107,6 +114,16 @@ class Canonical:
             return f"{prefix}mlp.gate_up_proj{suffix}", span, 1.0
         factor = {"q": s.query, "o": s.residual, "down": s.residual}.get(key, 1.0)
         return name, None, factor
+
+    def _stored_expert(self, name: str, index: str) -> str:
+        """The stored name of a router or expert tensor named the canonical (DeepSeek) way."""
+        moe = self.family.moe
+        assert moe is not None
+        block = f"{_LAYER}{index}.{moe.block}."
+        rest = name[len(f"{_LAYER}{index}.mlp.") :]
+        for canonical_part, stored_part in zip(("gate_proj", "up_proj", "down_proj"), moe.parts, strict=True):
+            rest = rest.replace(f".{canonical_part}.", f".{stored_part}.")
+        return block + rest
 
 
 def canonical(source: Source) -> Canonical:

@@ -1,9 +1,10 @@
 """What differs between the source families, kept as data: which ones convert, how their tensors map onto
 Llama's names and meaning (source/canonical.py applies it), and which are refused by design, with the reason.
 
-Every family that converts has Llama's decoder layer: pre-norm RMSNorm, rotary attention, a SwiGLU MLP.
-They differ in naming (Phi-3 fuses q/k/v and gate/up), in constant multipliers that fold into weights
-(Granite), in q/k/v biases, and in settings we refuse.
+Every family that converts has Llama's decoder layer: pre-norm RMSNorm, rotary attention, a SwiGLU MLP
+or a mixture of SwiGLU experts behind a softmax router (Mixtral, Qwen3-MoE, OLMoE). They differ in naming
+(Phi-3 fuses q/k/v and gate/up, Mixtral calls its experts' projections w1/w3/w2), in constant multipliers
+that fold into weights (Granite), in q/k/v biases and norms, and in settings we refuse.
 """
 
 from __future__ import annotations
@@ -12,6 +13,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConversionError
+
+
+@dataclass(frozen=True)
+class MoeNames:
+    """Where a mixture-of-experts family stores its router and experts, and how its config names them.
+
+    Checkpoints store every expert's three projections as tensors of their own (transformers fuses them
+    only in memory), so the conversion can copy them one tensor at a time.
+    """
+
+    block: str  # the MoE block under a layer: "mlp" or "block_sparse_moe"
+    parts: tuple[str, str, str]  # the stored names of each expert's gate, up and down projections
+    count_key: str  # the config's number of routed experts
+    width_key: str  # the config's width of one expert
+    renormalize: bool | None  # True: top-k weights always renormalized (Mixtral); None: config.norm_topk_prob
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,8 @@ class Family:
     multipliers: bool = False  # embedding/attention/residual multipliers and logits scaling (Granite)
     qk_norm: bool = False  # per-head RMSNorm on queries and keys (Qwen3): approximated, never exact
     partial_rotary: bool = False  # its modeling rotates only the first partial_rotary_factor of each head (Phi-3)
+    qk_norm_heads: bool = True  # q/k norms act on each head (Qwen3); False: on all heads at once (OLMoE)
+    moe: MoeNames | None = None  # routed experts in place of the MLP (in all layers but a leading dense few)
 
 
 FAMILIES: dict[str, Family] = {
@@ -37,6 +55,27 @@ FAMILIES: dict[str, Family] = {
     ),
     "granite": Family("granite", "Granite (3.x)", qkv_bias=None, multipliers=True),
     "qwen3": Family("qwen3", "Qwen3 (approximate: per-head q/k norms)", qkv_bias=None, qk_norm=True),
+    "mixtral": Family(
+        "mixtral",
+        "Mixtral (MoE)",
+        qkv_bias=False,
+        moe=MoeNames("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts", "intermediate_size", True),
+    ),
+    "qwen3_moe": Family(
+        "qwen3_moe",
+        "Qwen3-MoE (approximate: per-head q/k norms)",
+        qkv_bias=None,
+        qk_norm=True,
+        moe=MoeNames("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "moe_intermediate_size", None),
+    ),
+    "olmoe": Family(
+        "olmoe",
+        "OLMoE (approximate: q/k norms)",
+        qkv_bias=None,
+        qk_norm=True,
+        qk_norm_heads=False,
+        moe=MoeNames("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "intermediate_size", None),
+    ),
 }
 
 _GEMMA3 = "normalizes after attention and after the MLP (post-norms) and interleaves sliding-window and global layers"
@@ -53,6 +92,7 @@ BY_DESIGN: dict[str, str] = {
     "olmo2": "normalizes after attention and after the MLP (post-norms) and normalizes queries and keys",
     "cohere": "runs attention and the MLP in parallel from one LayerNorm and normalizes queries and keys",
     "cohere2": "runs attention and the MLP in parallel from one LayerNorm and interleaves sliding-window layers",
+    "qwen2_moe": "adds a shared expert scaled by a per-token sigmoid gate to its routed experts",
 }
 
 # Static rotary variants whose inverse frequencies do not depend on the sequence length.
@@ -74,6 +114,57 @@ LAYER_TENSORS = {
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A MoE source's routing, as the target must reproduce it."""
+
+    count: int  # routed experts per MoE layer
+    top_k: int  # experts each token uses
+    width: int  # intermediate width of one expert
+    dense_layers: int  # leading layers with a dense MLP (DeepSeek's first_k_dense_replace)
+    renormalize: bool  # the top-k softmax weights are renormalized to sum to one
+
+    def router(self, i: int) -> str:
+        """The router's weight of layer i, under the canonical (DeepSeek) name."""
+        return f"model.layers.{i}.mlp.gate.weight"
+
+    def expert_tensors(self, i: int) -> list[str]:
+        """Every expert projection of layer i, under the canonical (DeepSeek) names, in storage order."""
+        return [
+            f"model.layers.{i}.mlp.experts.{j}.{part}.weight"
+            for j in range(self.count)
+            for part in ("gate_proj", "up_proj", "down_proj")
+        ]
+
+
+def experts_of(family: Family, config: Any) -> Experts | None:
+    """The routing of a MoE source, or None for a dense one. Dense layers must lead (DeepSeek places them so)."""
+    names = family.moe
+    if names is None:
+        return None
+    arch = (getattr(config, "architectures", None) or [family.model_type])[0]
+    layers = int(config.num_hidden_layers)
+    step = int(getattr(config, "decoder_sparse_step", None) or 1)
+    dense_only = set(getattr(config, "mlp_only_layers", None) or [])
+    sparse = [i not in dense_only and (i + 1) % step == 0 for i in range(layers)]
+    dense = sparse.index(True) if True in sparse else layers
+    if not all(sparse[dense:]):
+        raise ConversionError(
+            f"'{arch}' mixes dense and expert layers after layer {dense}; DeepSeek's layout holds dense layers only "
+            "before the first expert layer (first_k_dense_replace)"
+        )
+    renormalize = names.renormalize
+    if renormalize is None:
+        renormalize = bool(getattr(config, "norm_topk_prob", False))
+    return Experts(
+        count=int(getattr(config, names.count_key)),
+        top_k=int(config.num_experts_per_tok),
+        width=int(getattr(config, names.width_key)),
+        dense_layers=dense,
+        renormalize=renormalize,
+    )
 
 
 def supported_list() -> str:
@@ -99,6 +190,9 @@ def family_for(config: Any, allow_full_attention: bool = False) -> Family:
             f"unsupported architecture '{arch}' (model_type '{model_type}'); supported: {supported_list()}"
         )
     _check_supported_settings(config, arch, allow_full_attention, family.partial_rotary)
+    if getattr(config, "clip_qkv", None) is not None:
+        raise ConversionError(f"'{arch}' clips q, k and v to ±{config.clip_qkv}, which DeepSeek-V3 cannot express")
+    experts_of(family, config)  # refuses an unsupported expert layout
     return family
 
 

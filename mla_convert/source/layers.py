@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConversionError
 from .canonical import canonical
 from .checkpoint import Source
-from .families import EMBED
+from .families import EMBED, experts_of
 
 
 def materialise(module: nn.Module, state: dict[str, torch.Tensor], device: str) -> nn.Module:
@@ -51,6 +51,7 @@ class SourceLayers:
         view = canonical(source)
         self._view = view
         self.residual = view.scales.residual  # a family's factor on attention and MLP outputs (Granite)
+        self._experts = experts_of(view.family, source.config)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,8 @@ class SourceLayers:
             state = {
                 name[len(prefix) :]: self.source.get(name) for name in self.source.names() if name.startswith(prefix)
             }
+            if self._experts is not None and index >= self._experts.dense_layers:
+                state.update(fused_experts(self._view, index, self._experts.count))
             self._live[index] = materialise(self._layers[index], state, self.device)
         return self._live[index]
 
@@ -74,3 +77,21 @@ class SourceLayers:
         module = self._live.pop(index, None)
         if module is not None:
             module.to("meta")
+
+
+def fused_experts(view: Any, index: int, count: int) -> dict[str, torch.Tensor]:
+    """A MoE layer's router and experts as transformers' modules hold them in memory (names under the layer):
+    `mlp.experts.gate_up_proj` [experts, 2*width, hidden] (gate rows, then up rows) and `mlp.experts.down_proj`
+    [experts, hidden, width], fused from the per-expert tensors checkpoints store (read via the canonical view).
+    Mixtral, Qwen3-MoE, OLMoE and DeepSeek-V2/V3 all use this layout."""
+    base = f"model.layers.{index}.mlp."
+    gate_up, down = [], []
+    for j in range(count):
+        expert = f"{base}experts.{j}."
+        gate_up.append(torch.cat([view.get(expert + "gate_proj.weight"), view.get(expert + "up_proj.weight")]).float())
+        down.append(view.get(expert + "down_proj.weight").float())
+    return {
+        "mlp.gate.weight": view.get(base + "gate.weight"),
+        "mlp.experts.gate_up_proj": torch.stack(gate_up),
+        "mlp.experts.down_proj": torch.stack(down),
+    }
