@@ -78,7 +78,7 @@ def plan_for(
 
 def engine_verdicts(plan: Plan, options: Options) -> list[Verdict]:
     """Which engines serve this plan's checkpoint (widths and profile decide; see plan/serving.py)."""
-    return verdicts(plan.target, plan.latent_width, plan.rope_dim, options.gguf)
+    return verdicts(plan.target, plan.latent_width, plan.rope_dim, options.gguf, plan.geometry.target_class)
 
 
 def engine_warnings(found: list[Verdict]) -> list[str]:

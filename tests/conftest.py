@@ -150,30 +150,29 @@ def build_qwen3(config: object) -> torch.nn.Module:
     return model
 
 
-MOE_CONFIGS: dict[str, Callable[[], object]] = {
+MOE_CONFIGS: dict[str, Callable[[dict], object]] = {
     # softmax top-2, renormalized: DeepSeek-V3's sigmoid router, approximate weights
-    "mixtral": lambda: MixtralConfig(
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, **COMMON
-    ),
+    "mixtral": lambda base: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, sliding_window=None, **base),
     # renormalized too, with a leading dense layer and per-head q/k norms
-    "qwen3_moe": lambda: Qwen3MoeConfig(
-        num_key_value_heads=2,
+    "qwen3_moe": lambda base: Qwen3MoeConfig(
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=24,
         norm_topk_prob=True,
         mlp_only_layers=[0],
-        **COMMON,
+        **base,
     ),
     # softmax top-2 without renormalizing: DeepSeek-V2's router computes it exactly
-    "olmoe": lambda: OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **COMMON),
+    "olmoe": lambda base: OlmoeConfig(num_experts=4, num_experts_per_tok=2, **base),
 }
 
 
-def build_moe(name: str) -> torch.nn.Module:
-    """A tiny MoE source whose routers' logits spread like a trained model's (a fresh router's are near zero,
-    where every expert ties) and, where it has them, whose q/k norm gains are far from 1."""
-    model = build_tiny(MOE_CONFIGS[name]())
+def build_moe(name: str, base: dict | None = None) -> torch.nn.Module:
+    """A tiny MoE source (COMMON shapes unless base says otherwise) whose routers' logits spread like a trained
+    model's (a fresh router's are near zero, where every expert ties) and whose q/k norm gains, where it has
+    them, are far from 1."""
+    base = {"num_key_value_heads": 2, **(COMMON if base is None else base)}
+    model = build_tiny(MOE_CONFIGS[name](base))
     with torch.no_grad():
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)

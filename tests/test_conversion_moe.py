@@ -35,7 +35,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in path.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f})
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     return out
 
 
@@ -52,7 +52,7 @@ def test_moe_source_converts_to_the_stock_class_that_routes_like_it(
     dense = 1 if name == "qwen3_moe" else 0
     assert config["first_k_dense_replace"] == dense
     assert config["n_routed_experts"] == 4 and config["num_experts_per_tok"] == 2
-    assert config["n_shared_experts"] == 0
+    assert config["n_shared_experts"] == 1  # of zero weights: the sources have none, every engine needs one
     assert config["scoring_func"] == ("softmax" if name == "olmoe" else "sigmoid")
     assert config["norm_topk_prob"] == (name != "olmoe")
     # every expert projection is copied exactly (float32 output); down_proj carries the residual stream's one scale
@@ -69,12 +69,18 @@ def test_moe_source_converts_to_the_stock_class_that_routes_like_it(
                     want = want * float(got.norm() / want.norm())
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert len(scales) == 1
+    for i in range(dense, source.num_hidden_layers):
+        shared = [v for k, v in written.items() if k.startswith(f"model.layers.{i}.mlp.shared_experts.")]
+        assert len(shared) == 3 and not any(t.any() for t in shared)
     if dense:
         assert "model.layers.0.mlp.gate_proj.weight" in written and "model.layers.0.mlp.gate.weight" not in written
     # routing is measured end to end: the share of tokens whose experts are unchanged, per MoE layer
     routing = report["verification"]["routing_agreement_per_layer"]
     assert len(routing) == source.num_hidden_layers - dense and all(0.0 <= r <= 1.0 for r in routing)
     assert report["warnings"]  # every MoE family here is approximate somewhere, and says where
+    card = (out / "README.md").read_text()
+    assert f"stock `{TARGETS[name]}`" in card and "- Routing: " in card
+    assert all(w.split(":")[0] in card for w in report["warnings"])
 
 
 def test_mixtral_full_size_picks_the_same_experts_and_computes_close(

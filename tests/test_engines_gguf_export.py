@@ -18,7 +18,7 @@ from mla_convert.engines.gguf_export import write_gguf
 from mla_convert.errors import ConversionError
 from mla_convert.job import Options, run
 
-from .conftest import build_tiny
+from .conftest import build_moe, build_tiny
 from .helpers import messages
 
 DATA = Path(__file__).parent / "data"
@@ -437,3 +437,47 @@ def test_a_fine_tuned_run_writes_the_trained_weights_to_the_gguf(source_with_tok
     _, tensors = read(out / "healed-f32.gguf")
     trained = weights(out)["model.layers.1.self_attn.o_proj.weight"]
     assert np.array_equal(np.asarray(tensors["blk.1.attn_output.weight"].data), trained)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_moe_gguf_stacks_the_experts_and_writes_the_routing(family: str, tmp_path: Path) -> None:
+    """Experts stacked per layer under llama.cpp's names, routing keys written out (gating, renormalization,
+    one expert group below the expert count, so llama.cpp's n_expert_groups < n_expert holds), the shared
+    expert llama.cpp's loader requires written as zeros, dense leading layers as dense."""
+    build_moe(family, {**TINY, "intermediate_size": 64}).save_pretrained(tmp_path / "source")
+    out = tmp_path / "mla"
+    run(str(tmp_path / "source"), out, Options(**FAST))
+    save_bpe_tokenizer(out)
+    config = json.loads((out / "config.json").read_text())
+    write_gguf(out, tmp_path / "moe.gguf", quant="f32")
+    fields, tensors = read(tmp_path / "moe.gguf")
+    v3 = config["model_type"] == "deepseek_v3"
+    dense = config["first_k_dense_replace"]
+    expected = {
+        f"{ARCH}.expert_count": 4,
+        f"{ARCH}.expert_used_count": 2,
+        f"{ARCH}.expert_group_count": 1,
+        f"{ARCH}.expert_group_used_count": 1,
+        f"{ARCH}.expert_shared_count": 1,
+        f"{ARCH}.leading_dense_block_count": dense,
+        f"{ARCH}.expert_feed_forward_length": config["moe_intermediate_size"],
+        f"{ARCH}.expert_weights_norm": v3,
+        f"{ARCH}.expert_gating_func": int(
+            gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX
+        ),
+    }
+    assert {k: fields.get(k) for k in expected} == expected
+    assert fields[f"{ARCH}.expert_group_count"] < fields[f"{ARCH}.expert_count"]
+    assert fields[f"{ARCH}.expert_weights_scale"] == pytest.approx(1.0)
+    w = weights(out)
+    for i in range(config["num_hidden_layers"]):
+        if i < dense:
+            assert f"blk.{i}.ffn_gate.weight" in tensors and f"blk.{i}.ffn_gate_exps.weight" not in tensors
+            continue
+        for part, name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            stacked = np.stack([w[f"model.layers.{i}.mlp.experts.{j}.{part}.weight"] for j in range(4)])
+            np.testing.assert_array_equal(np.asarray(tensors[f"blk.{i}.ffn_{name}_exps.weight"].data), stacked)
+            assert not np.asarray(tensors[f"blk.{i}.ffn_{name}_shexp.weight"].data).any()
+        router = np.asarray(tensors[f"blk.{i}.ffn_gate_inp.weight"].data)
+        np.testing.assert_array_equal(router, w[f"model.layers.{i}.mlp.gate.weight"])
+        assert (f"blk.{i}.exp_probs_b.bias" in tensors) == v3

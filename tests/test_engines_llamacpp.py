@@ -22,7 +22,7 @@ from mla_convert.engines import gguf_export, runtime
 from mla_convert.engines.gguf_export import write_gguf
 from mla_convert.job import Options, run
 
-from .conftest import ENGINE_SIZED, build_tiny
+from .conftest import ENGINE_SIZED, build_moe, build_tiny
 from .test_engines_gguf_export import save_bpe_tokenizer
 
 pytestmark = pytest.mark.engines
@@ -48,7 +48,10 @@ SENTENCES = [
 FAST = {"method": "svd", "finetune_steps": 0, "validate": False, "verify": False}
 DENSE = "SmolLM2 --rope-dim 192"
 QWEN3 = "tiny Qwen3 16/8"
-F32_ONLY = (DENSE, QWEN3)
+MIXTRAL = "tiny Mixtral MoE 16/8"
+OLMOE = "tiny OLMoE MoE 8/2"
+F32_ONLY = (DENSE, QWEN3, MIXTRAL, OLMOE)
+OLMOE_SIZED = dict(ENGINE_SIZED, num_attention_heads=8, num_key_value_heads=2)  # OLMoE's heads span hidden_size
 
 
 def _prompts(tokenizer_dir: Path, count: int = 5, length: int = 64) -> list[list[int]]:
@@ -64,10 +67,15 @@ def checkpoints(tmp_path_factory, smollm2_hf) -> dict[str, tuple[Path, list[list
     root = tmp_path_factory.mktemp("llamacpp")
     build_tiny(LlamaConfig(**ENGINE_SIZED)).save_pretrained(root / "engine-sized")
     build_tiny(Qwen3Config(**ENGINE_SIZED)).save_pretrained(root / "qwen3-engine-sized")
+    build_moe("mixtral", ENGINE_SIZED).save_pretrained(root / "mixtral-engine-sized")
+    build_moe("olmoe", OLMOE_SIZED).save_pretrained(root / "olmoe-engine-sized")
     cases = {
         "tiny 16/8": (str(root / "engine-sized"), Options(**FAST)),
         # Qwen3: per-head q/k norms replaced by scales (data-free here), then an ordinary deepseek2 GGUF
         QWEN3: (str(root / "qwen3-engine-sized"), Options(**FAST)),
+        # MoE: experts stacked per layer, DeepSeek-V3's sigmoid gating and DeepSeek-V2's softmax gating
+        MIXTRAL: (str(root / "mixtral-engine-sized"), Options(**FAST)),
+        OLMOE: (str(root / "olmoe-engine-sized"), Options(**FAST)),
         "SmolLM2": (str(smollm2_hf), Options(**FAST)),
         "SmolLM2 --kv-rank 128": (str(smollm2_hf), Options(kv_rank=128, **FAST)),
         # a dense rotary ladder: 3 slots per source frequency (192 wide), rope_theta 100000^(1/3)
@@ -147,7 +155,7 @@ def _agreement(results, references, key) -> runtime.Agreement:
     return runtime.agreement(result, references[key[0]])
 
 
-@pytest.mark.parametrize("name", ["tiny 16/8", "SmolLM2", "SmolLM2 --kv-rank 128", DENSE, QWEN3])
+@pytest.mark.parametrize("name", ["tiny 16/8", "SmolLM2", "SmolLM2 --kv-rank 128", DENSE, QWEN3, MIXTRAL, OLMOE])
 def test_f32_gguf_computes_what_transformers_computes(name, results, references):
     agreement = _agreement(results, references, (name, "f32", "f32 cache"))
     assert agreement.max_abs_logprob_diff <= TOLERANCE, agreement

@@ -18,7 +18,7 @@ from mla_convert.engines import runtime
 from mla_convert.job import Options, run
 from mla_convert.plan.serving import REFUSES, SERVES, verdicts
 
-from .conftest import ENGINE_SIZED, QUICK_CALIB, build_tiny
+from .conftest import ENGINE_SIZED, QUICK_CALIB, build_moe, build_tiny
 
 pytestmark = pytest.mark.engines
 
@@ -29,6 +29,9 @@ NOTES = (
 GREEDY = 32
 TOLERANCE = 1e-3  # max |Δ prompt logprob| in float32
 FAST = {"finetune_steps": 0, "validate": False, "verify": False}
+MIXTRAL = "tiny Mixtral MoE 16/8 default"
+OLMOE = "tiny OLMoE MoE 8/2 --engine vllm"
+OLMOE_SIZED = dict(ENGINE_SIZED, num_attention_heads=8, num_key_value_heads=2)  # OLMoE's heads span hidden_size
 
 
 def _random_prompts(vocab: int, count: int = 5, length: int = 48) -> list[list[int]]:
@@ -49,6 +52,8 @@ def checkpoints(tmp_path_factory, tiny_models, smollm2_hf) -> dict[str, tuple[Pa
     root = tmp_path_factory.mktemp("vllm")
     build_tiny(LlamaConfig(**ENGINE_SIZED)).save_pretrained(root / "engine-sized")
     build_tiny(Qwen3Config(**ENGINE_SIZED)).save_pretrained(root / "qwen3-engine-sized")
+    build_moe("mixtral", ENGINE_SIZED).save_pretrained(root / "mixtral-engine-sized")
+    build_moe("olmoe", OLMOE_SIZED).save_pretrained(root / "olmoe-engine-sized")
     cases: dict[str, tuple[str, Options]] = {
         # the default conversion (calibrated on text sampled from the source), 512 + 64 unpadded
         "tiny 16/8 default": (str(root / "engine-sized"), Options(**QUICK_CALIB, validate=False, verify=False)),
@@ -57,6 +62,10 @@ def checkpoints(tmp_path_factory, tiny_models, smollm2_hf) -> dict[str, tuple[Pa
             str(root / "qwen3-engine-sized"),
             Options(**QUICK_CALIB, validate=False, verify=False),
         ),
+        # MoE: DeepSeek-V3's sigmoid router (a fitted scale on it) and DeepSeek-V2's softmax router, experts
+        # copied, a zero shared expert
+        MIXTRAL: (str(root / "mixtral-engine-sized"), Options(**QUICK_CALIB, validate=False, verify=False)),
+        OLMOE: (str(root / "olmoe-engine-sized"), Options(method="svd", engine="vllm", **FAST)),
         # head_dim 16: --engine vllm pads the latent and the rotary key
         "tiny GQA --engine vllm": (str(tiny_models["llama_gqa_tied"]), Options(method="svd", engine="vllm", **FAST)),
         # SmolLM2 full size (latent 320 real + 192 zero) and compressed (128 real), calibrated on local text
@@ -87,6 +96,8 @@ def engine_results(checkpoints) -> dict[str, dict]:
 SERVED = [
     "tiny 16/8 default",
     "tiny Qwen3 16/8 default",
+    MIXTRAL,
+    OLMOE,
     "tiny GQA --engine vllm",
     "SmolLM2 --engine vllm",
     "SmolLM2 --engine vllm --kv-rank 128",

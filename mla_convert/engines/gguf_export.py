@@ -9,6 +9,10 @@ times larger, so f16, and the f16 block scales of every llama.cpp quant type, ro
 model loses its attention. Here every type keeps them: f32 and bf16 (float32's exponent range) do so
 natively, and q8_0 keeps that one tensor, and the norms, in float32.
 
+A MoE checkpoint's experts are stacked per layer into llama.cpp's `ffn_{gate,up,down}_exps`, with its
+routing written out (gating function, renormalization, one expert group, so `n_expert_groups < n_expert`
+holds) and the shared expert (ours is zeros: the sources have none, and every engine needs one).
+
 The GGUF is the MLA-absorbed layout llama.cpp runs: `kv_b_proj` is split into per-head `attn_k_b`
 (transposed) and `attn_v_b`, and attention runs as MQA over the latent (head_count_kv 1).
 """
@@ -60,6 +64,20 @@ def _gguf() -> Any:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A MoE checkpoint's routing, as llama.cpp's deepseek2 graph computes it."""
+
+    count: int
+    used: int
+    width: int
+    dense_layers: int
+    shared: int  # shared experts (n_shared_experts)
+    sigmoid: bool  # DeepSeek-V3's gating; else DeepSeek-V2's softmax
+    renormalize: bool
+    scale: float  # routed_scaling_factor
+
+
+@dataclass(frozen=True)
 class Geometry:
     """What llama.cpp's deepseek2 loader needs to know, read from config.json and checked."""
 
@@ -76,6 +94,10 @@ class Geometry:
     context: int
     theta: float
     eps: float
+    experts: Experts | None = None
+
+    def is_moe(self, i: int) -> bool:
+        return self.experts is not None and i >= self.experts.dense_layers
 
 
 def read_geometry(checkpoint: Path) -> Geometry:
@@ -101,18 +123,40 @@ def read_geometry(checkpoint: Path) -> Geometry:
         context=int(config.get("max_position_embeddings", 4096)),
         theta=_rope_theta(config),
         eps=float(config.get("rms_norm_eps", 1e-6)),
+        experts=_experts(config),
+    )
+
+
+def _experts(config: dict[str, Any]) -> Experts | None:
+    """The routing of a checkpoint with MoE layers (None when every layer is dense)."""
+    layers, dense = int(config["num_hidden_layers"]), int(config.get("first_k_dense_replace", 0))
+    if dense >= layers:
+        return None
+    v3 = config["model_type"] == "deepseek_v3"
+    return Experts(
+        count=int(config["n_routed_experts"]),
+        used=int(config["num_experts_per_tok"]),
+        width=int(config["moe_intermediate_size"]),
+        dense_layers=dense,
+        shared=int(config.get("n_shared_experts") or 0),
+        sigmoid=v3,  # transformers' DeepSeek-V3 always scores with a sigmoid, V2 with a softmax
+        renormalize=bool(config.get("norm_topk_prob", False)) and v3,  # transformers' V2 never renormalizes
+        scale=float(config.get("routed_scaling_factor", 1.0)),
     )
 
 
 def _check_architecture(config: dict[str, Any]) -> None:
     """The features of our DeepSeek-V3 output that the GGUF cannot carry (or llama.cpp computes otherwise)."""
     refuse = []
-    if config.get("model_type") != "deepseek_v3":
-        refuse.append(f"model_type is {config.get('model_type')!r}, not 'deepseek_v3'")
+    if config.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
+        refuse.append(f"model_type is {config.get('model_type')!r}, not 'deepseek_v3' or 'deepseek_v2'")
     if config.get("q_lora_rank") is not None or config.get("attention_bias"):
         refuse.append("it has attention biases folded into a q-LoRA (written by --target transformers)")
-    if int(config.get("first_k_dense_replace", 0)) < int(config["num_hidden_layers"]):
-        refuse.append("it has MoE layers")
+    moe = int(config.get("first_k_dense_replace", 0)) < int(config["num_hidden_layers"])
+    if moe and int(config.get("n_shared_experts") or 0) < 1:
+        refuse.append("its MoE layers have no shared expert, which llama.cpp's deepseek2 loader requires")
+    if moe and int(config.get("n_group") or 1) != 1:
+        refuse.append("it routes by expert groups")
     if not config.get("rope_interleave", False):
         refuse.append("its rotary pairs are not interleaved (llama.cpp's deepseek2 rotates interleaved pairs)")
     if config.get("hidden_act", "silu") != "silu":
@@ -208,15 +252,52 @@ def plan_tensors(weights: Weights, geo: Geometry, quant: str) -> list[Planned]:
             (t.ATTN_V_B, "self_attn.kv_b_proj", "v_b", (heads, geo.v_dim, rank)),
             (t.ATTN_OUT, "self_attn.o_proj", "all", (h, heads * geo.v_dim)),
             (t.FFN_NORM, "post_attention_layernorm", "all", (h,)),
-            (t.FFN_GATE, "mlp.gate_proj", "all", (geo.intermediate, h)),
-            (t.FFN_UP, "mlp.up_proj", "all", (geo.intermediate, h)),
-            (t.FFN_DOWN, "mlp.down_proj", "all", (h, geo.intermediate)),
+            *(_expert_tensors(geo) if geo.is_moe(i) else _dense_tensors(geo)),
         ]
         for kind, src, part, shape in layer:
             name = gguf.TENSOR_NAMES[kind].format(bid=i)
-            planned.append(_planned(name, f"{pre}{src}.weight", part, shape, quant))
+            if kind == t.FFN_EXP_PROBS_B:
+                planned.append(Planned(f"{name}.bias", f"{pre}{src}", part, shape, "f32"))
+            else:
+                planned.append(_planned(name, f"{pre}{src}.weight", part, shape, quant))
     _check_sources(planned, weights, geo)
     return planned
+
+
+def _dense_tensors(geo: Geometry) -> list[tuple[Any, str, str, tuple[int, ...]]]:
+    t, h = _gguf().MODEL_TENSOR, geo.hidden
+    return [
+        (t.FFN_GATE, "mlp.gate_proj", "all", (geo.intermediate, h)),
+        (t.FFN_UP, "mlp.up_proj", "all", (geo.intermediate, h)),
+        (t.FFN_DOWN, "mlp.down_proj", "all", (h, geo.intermediate)),
+    ]
+
+
+def _expert_tensors(geo: Geometry) -> list[tuple[Any, str, str, tuple[int, ...]]]:
+    """A MoE layer: the router, its selection bias (DeepSeek-V3), the stacked experts, the shared expert."""
+    t, h, e = _gguf().MODEL_TENSOR, geo.hidden, geo.experts
+    assert e is not None
+    shared = e.width * e.shared
+    out = [(t.FFN_GATE_INP, "mlp.gate", "all", (e.count, h))]
+    if e.sigmoid:
+        out.append((t.FFN_EXP_PROBS_B, "mlp.gate.e_score_correction_bias", "all", (e.count,)))
+    out += [
+        (t.FFN_GATE_EXP, "mlp.experts", "stack:gate_proj", (e.count, e.width, h)),
+        (t.FFN_UP_EXP, "mlp.experts", "stack:up_proj", (e.count, e.width, h)),
+        (t.FFN_DOWN_EXP, "mlp.experts", "stack:down_proj", (e.count, h, e.width)),
+        (t.FFN_GATE_SHEXP, "mlp.shared_experts.gate_proj", "all", (shared, h)),
+        (t.FFN_UP_SHEXP, "mlp.shared_experts.up_proj", "all", (shared, h)),
+        (t.FFN_DOWN_SHEXP, "mlp.shared_experts.down_proj", "all", (h, shared)),
+    ]
+    return out
+
+
+def _members(p: Planned, count: int) -> list[str]:
+    """The checkpoint tensors one GGUF tensor is made of."""
+    if p.part.startswith("stack:"):
+        base = p.source.removesuffix(".weight")
+        return [f"{base}.{j}.{p.part[6:]}.weight" for j in range(count)]
+    return [p.source]
 
 
 def _planned(base: str, source: str, part: str, shape: tuple[int, ...], quant: str) -> Planned:
@@ -234,15 +315,20 @@ def _planned(base: str, source: str, part: str, shape: tuple[int, ...], quant: s
 
 def _check_sources(planned: list[Planned], weights: Weights, geo: Geometry) -> None:
     """Every tensor is there with the shape the config implies, and nothing is left over."""
+    count = geo.experts.count if geo.experts else 0
+    used: set[str] = set()
     for p in planned:
-        if p.source not in weights:
-            raise ConversionError(f"--gguf: the checkpoint lacks {p.source}; to resolve, convert it again")
-        want = (geo.heads * (geo.nope + geo.v_dim), geo.rank) if p.part != "all" else p.shape
-        if weights.shape(p.source) != want:
-            raise ConversionError(
-                f"--gguf: {p.source} has shape {list(weights.shape(p.source))}, the config implies {list(want)}"
-            )
-    used = {p.source for p in planned}
+        for member in _members(p, count):
+            if member not in weights:
+                raise ConversionError(f"--gguf: the checkpoint lacks {member}; to resolve, convert it again")
+            want = p.shape[1:] if p.part.startswith("stack:") else p.shape
+            if p.part in ("k_b", "v_b"):
+                want = (geo.heads * (geo.nope + geo.v_dim), geo.rank)
+            if weights.shape(member) != want:
+                raise ConversionError(
+                    f"--gguf: {member} has shape {list(weights.shape(member))}, the config implies {list(want)}"
+                )
+            used.add(member)
     extra = sorted(k for k in weights.where if k not in used and k != "lm_head.weight")
     if extra:
         raise ConversionError(f"--gguf: the checkpoint has tensors llama.cpp would not load: {', '.join(extra[:4])}")
@@ -250,6 +336,10 @@ def _check_sources(planned: list[Planned], weights: Weights, geo: Geometry) -> N
 
 def tensor_data(weights: Weights, p: Planned, geo: Geometry) -> np.ndarray:
     """The float32 values of one GGUF tensor, in its numpy layout."""
+    if p.part.startswith("stack:"):
+        assert geo.experts is not None
+        members = _members(p, geo.experts.count)
+        return np.stack([weights.get(m).numpy() for m in members])  # one layer's experts of one projection
     w = weights.get(p.source)
     if p.part == "all":
         return w.numpy()
@@ -617,8 +707,30 @@ def _encoded(planned: list[Planned], weights: Weights, geo: Geometry) -> Iterato
         yield data
 
 
+def _add_expert_hparams(writer: Any, geo: Geometry) -> None:
+    """Dense: no expert keys (n_expert 0). MoE: the routing, with one expert group (llama.cpp asserts
+    n_expert_groups < n_expert)."""
+    e = geo.experts
+    if e is None:
+        writer.add_leading_dense_block_count(geo.layers)
+        writer.add_expert_feed_forward_length(geo.intermediate)  # required by the loader even when dense
+        writer.add_expert_shared_count(0)
+        return
+    gating = _gguf().ExpertGatingFuncType
+    writer.add_leading_dense_block_count(e.dense_layers)
+    writer.add_expert_feed_forward_length(e.width)
+    writer.add_expert_count(e.count)
+    writer.add_expert_used_count(e.used)
+    writer.add_expert_shared_count(e.shared)
+    writer.add_expert_weights_scale(e.scale)
+    writer.add_expert_weights_norm(e.renormalize)
+    writer.add_expert_gating_func(gating.SIGMOID if e.sigmoid else gating.SOFTMAX)
+    writer.add_expert_group_count(1)
+    writer.add_expert_group_used_count(1)
+
+
 def _add_hparams(writer: Any, geo: Geometry, quant: str) -> None:
-    """The deepseek2 keys llama.cpp reads for a dense, q-LoRA-free MLA model (no expert keys: n_expert 0)."""
+    """The deepseek2 keys llama.cpp reads for a q-LoRA-free MLA model."""
     gguf = _gguf()
     writer.add_name(geo.name)
     ftype = gguf.LlamaFileType
@@ -635,9 +747,7 @@ def _add_hparams(writer: Any, geo: Geometry, quant: str) -> None:
     writer.add_layer_norm_rms_eps(geo.eps)
     writer.add_rope_freq_base(geo.theta)
     writer.add_rope_dimension_count(geo.rope)
-    writer.add_leading_dense_block_count(geo.layers)
-    writer.add_expert_feed_forward_length(geo.intermediate)  # required by the loader even when dense
-    writer.add_expert_shared_count(0)
+    _add_expert_hparams(writer, geo)
     writer.add_q_lora_rank(0)  # 0: attn_q is a plain projection
     writer.add_kv_lora_rank(geo.rank)
     writer.add_key_length(geo.rank + geo.rope)

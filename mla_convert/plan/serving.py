@@ -33,10 +33,12 @@ class Verdict:
         return {"engine": self.engine, "status": self.status, "detail": self.detail}
 
 
-def verdicts(target: str, kv_lora_rank: int, rope_dim: int, gguf: str | None = None) -> list[Verdict]:
+def verdicts(
+    target: str, kv_lora_rank: int, rope_dim: int, gguf: str | None = None, target_class: str = "DeepseekV3ForCausalLM"
+) -> list[Verdict]:
     """One verdict per engine for a checkpoint with these settings."""
     return [
-        Verdict("transformers", SERVES, "stock DeepseekV3ForCausalLM, no trust_remote_code; checked by --verify"),
+        Verdict("transformers", SERVES, f"stock {target_class}, no trust_remote_code; checked by --verify"),
         _vllm(target, kv_lora_rank, rope_dim),
         _sglang(target),
         _llama_cpp(target, gguf),

