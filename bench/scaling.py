@@ -4,6 +4,12 @@
     python bench/scaling.py --sizes 7B-4L 7B-8L --io --calibrated 7B-4L 7B-8L \
         --json bench/results/scaling_calibrated.json
 
+MoE2.5B is a synthetic Mixtral-shaped MoE of 2.5B parameters (16 layers of 16 experts, top-2; Mixtral's tensor
+names, so the per-expert renaming is exercised) and Dense2.5B its dense counterpart (one MLP as wide as the 16
+experts together, the same parameter count):
+
+    python bench/scaling.py --sizes MoE2.5B Dense2.5B --io --json bench/results/scaling_moe.json
+
 A size NAME-kL is NAME's shape with k layers (the same layer, more or fewer of them); `tiny` measures
 what the process itself takes. For each size it writes a random bf16 checkpoint with the real shapes
 (5 GB shards, as the hub does), converts it data-free with the CLI in a fresh process (`--method svd
@@ -41,6 +47,8 @@ SHAPES = {
     "1.5B": dict(hidden=1536, inter=8960, layers=28, heads=12, kv=2, vocab=151936, tied=True, theta=1e6),
     "3B": dict(hidden=3072, inter=8192, layers=28, heads=24, kv=8, vocab=128256, tied=True, theta=5e5),
     "7B": dict(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=32000, tied=False, theta=1e6),
+    "MoE2.5B": dict(hidden=2048, inter=1408, layers=16, heads=16, kv=4, vocab=32000, tied=False, theta=1e6, experts=16),
+    "Dense2.5B": dict(hidden=2048, inter=16 * 1408, layers=16, heads=16, kv=4, vocab=32000, tied=False, theta=1e6),
 }
 SHARD_BYTES = 5 * 10**9
 CONVERT = ["--method", "svd", "--kv-budget", "0.25", "--finetune-steps", "0", "--no-verify", "--no-validate", "-q"]
@@ -58,10 +66,27 @@ def layer_shapes(s: dict) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.weight": (s["kv"] * d, h),
         "self_attn.o_proj.weight": (h, s["heads"] * d),
         "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (s["inter"], h),
-        "mlp.up_proj.weight": (s["inter"], h),
-        "mlp.down_proj.weight": (h, s["inter"]),
+        **(expert_shapes(s) if s.get("experts") else {}),
+        **(
+            {}
+            if s.get("experts")
+            else {
+                "mlp.gate_proj.weight": (s["inter"], h),
+                "mlp.up_proj.weight": (s["inter"], h),
+                "mlp.down_proj.weight": (h, s["inter"]),
+            }
+        ),
     }
+
+
+def expert_shapes(s: dict) -> dict[str, tuple[int, ...]]:
+    """Mixtral's router and experts, under its own names (w1: gate, w3: up, w2: down)."""
+    h, out = s["hidden"], {"block_sparse_moe.gate.weight": (s["experts"], s["hidden"])}
+    for j in range(s["experts"]):
+        out[f"block_sparse_moe.experts.{j}.w1.weight"] = (s["inter"], h)
+        out[f"block_sparse_moe.experts.{j}.w3.weight"] = (s["inter"], h)
+        out[f"block_sparse_moe.experts.{j}.w2.weight"] = (h, s["inter"])
+    return out
 
 
 def tensor_shapes(s: dict) -> dict[str, tuple[int, ...]]:
@@ -75,11 +100,12 @@ def tensor_shapes(s: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(path: Path, s: dict, seed: int = 0) -> int:
-    """A random bf16 Llama checkpoint in 5 GB shards; returns its tensor bytes."""
-    from transformers import LlamaConfig
+    """A random bf16 Llama (or Mixtral) checkpoint in 5 GB shards; returns its tensor bytes."""
+    from transformers import LlamaConfig, MixtralConfig
 
     path.mkdir(parents=True)
-    LlamaConfig(
+    moe = {"num_local_experts": s["experts"], "num_experts_per_tok": 2} if s.get("experts") else {}
+    (MixtralConfig if moe else LlamaConfig)(
         hidden_size=s["hidden"],
         intermediate_size=s["inter"],
         num_hidden_layers=s["layers"],
@@ -91,6 +117,7 @@ def write_checkpoint(path: Path, s: dict, seed: int = 0) -> int:
         max_position_embeddings=32768,
         rms_norm_eps=1e-5,
         dtype="bfloat16",
+        **moe,
     ).save_pretrained(path)
     gen = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -88,11 +88,12 @@ def engine_warnings(found: list[Verdict]) -> list[str]:
 
 def structurally_lossless(plan: Plan) -> bool:
     """Nothing to approximate: every rotary component has a slot, the latent has full rank, and the family has
-    nothing DeepSeek-V3 lacks (Qwen3's per-head q/k norms)."""
+    nothing DeepSeek-V3 lacks (Qwen3's per-head q/k norms, a renormalized expert router)."""
     geo = plan.geometry
     every_component = plan.target == "transformers" and plan.rope_dim == geo.kv_heads * geo.rotary_dim
     single_head = plan.target == "portable" and geo.kv_heads == 1 and all(s is not None for s in plan.slots)
-    return not plan.compressed and not geo.family.qk_norm and (every_component or single_head)
+    exact_family = not geo.family.qk_norm and not (geo.experts is not None and geo.experts.renormalize)
+    return not plan.compressed and exact_family and (every_component or single_head)
 
 
 def run(model_in: str, model_out: Path, options: Options, hooks: Hooks | None = None) -> dict[str, Any]:

@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
-from ..mla.routing import best_sigmoid_scale
 from ..plan.plan import Plan
 from ..source.checkpoint import Source
 from ..source.layers import SourceLayers
-from .driver import LayerStats
+from .driver import LayerStats, fit_expert_scale, needs_expert_scale
 from .layer_fit import (
     attention_error,
     batched,
@@ -45,6 +44,7 @@ class SequentialCalibrator:
         query_refit: bool = False,
     ):
         self.source = SourceLayers(source, device)
+        self.plan = plan
         self.config = deepseek_runtime_config(plan, source.config)
         self.lam = plan.residual_scale
         with torch.no_grad():
@@ -92,27 +92,14 @@ class SequentialCalibrator:
                     tensors[prefix + name] = tensor.detach().clone()
         stats.attn_output_error = attention_error(layer.self_attn, x, ref, self.ds_pos)
         if isinstance(getattr(layer.mlp, "experts", None), torch.nn.Module):
-            if getattr(self.config, "scoring_func", None) == "sigmoid":
-                fit_router_scale(layer, self.h, self.ds_pos, tensors, index, stats)
+            if needs_expert_scale(self.plan, index):
+                gate = layer.mlp.gate.weight
+                fit_expert_scale(self.plan, stats, batched(lambda t: mlp_input(layer, t, self.ds_pos) @ gate.T, self.h))
+                layer.mlp.experts.down_proj.mul_(stats.expert_scale)  # as the driver will write them
             stats.moe_output_error = moe_error(layer, src_layer, self.h, self.ds_pos, self.lam * self.source.residual)
         self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
         self.source.release(index)
         self._x = None
-
-
-@torch.no_grad()
-def fit_router_scale(
-    layer: Any, h: torch.Tensor, pos: Any, tensors: dict[str, torch.Tensor], index: int, stats: LayerStats
-) -> None:
-    """Scale a DeepSeek-V3 router so its sigmoid weights come closest to the source's renormalized softmax on
-    these tokens (mla/routing.py); the experts chosen do not change."""
-    gate = layer.mlp.gate
-    logits = batched(lambda t: torch.nn.functional.linear(mlp_input(layer, t, pos), gate.weight), h)
-    scale, before, after = best_sigmoid_scale(logits, gate.top_k)
-    name = f"model.layers.{index}.mlp.gate.weight"
-    tensors[name] = tensors[name] * scale
-    gate.weight.mul_(scale)
-    stats.router_scale, stats.router_weight_error_before, stats.router_weight_error_after = scale, before, after
 
 
 def mlp_input(layer: Any, h: torch.Tensor, pos: Any) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..mla.factorize import relative_error, weight_svd
 from ..mla.head_norm import input_second_moment, linearized
 from ..mla.latent_norm import attention_input_bound
 from ..mla.layout import attention_tensors
+from ..mla.routing import proxy_logits, renormalization_scale
 from ..plan.plan import Geometry, Plan
 from ..source.canonical import Canonical, canonical
 from ..source.checkpoint import Source
@@ -47,9 +48,9 @@ class LayerStats:
     held_out_error_before: float | None = None
     held_out_error_after: float | None = None
     moe_output_error: float | None = None  # MoE layer: converted expert mix against the source's, same inputs
-    router_scale: float | None = None  # DeepSeek-V3 target: the router's scale fitted to the source's weights
-    router_weight_error_before: float | None = None  # ... the top-k weights' mean squared error at scale 1
-    router_weight_error_after: float | None = None  # ... and at the fitted scale
+    expert_scale: float | None = None  # renormalizing MoE source: the factor on the layer's experts (routing.py)
+    routing_weight_error_before: float | None = None  # ... the top-k weights' relative error without it
+    routing_weight_error_after: float | None = None  # ... and with it
 
 
 class Calibrator(Protocol):
@@ -204,8 +205,8 @@ def is_moe_layer(geo: Geometry, i: int) -> bool:
 
 
 def mlp_tensors(view: Canonical, plan: Plan, i: int) -> dict[str, torch.Tensor]:
-    """Layer i's MLP as DeepSeek names it: the dense projections, or a MoE layer's router (and, for DeepSeek-V3,
-    its zero selection bias). A MoE layer's experts are not here: `expert_tensors` streams them."""
+    """Layer i's MLP as DeepSeek names it: the dense projections, or a MoE layer's router and its (zero) shared
+    expert. A MoE layer's experts are not here: `expert_tensors` streams them."""
     geo, prefix = plan.geometry, f"model.layers.{i}.mlp."
     if is_moe_layer(geo, i):
         assert geo.experts is not None
@@ -219,8 +220,6 @@ def mlp_tensors(view: Canonical, plan: Plan, i: int) -> dict[str, torch.Tensor]:
             ("down_proj", (hidden, width)),
         ):
             out[f"{prefix}shared_experts.{part}.weight"] = torch.zeros(shape, dtype=plan.dtype)
-        if geo.target_class == "DeepseekV3ForCausalLM":
-            out[prefix + "gate.e_score_correction_bias"] = torch.zeros(geo.experts.count, dtype=torch.float32)
         return out
     out = {f"{prefix}{key}_proj.weight": view.get(f"{_layer_name(key, i)}.weight") for key in ("gate", "up")}
     down = view.get(f"{_layer_name('down', i)}.weight")
@@ -228,9 +227,12 @@ def mlp_tensors(view: Canonical, plan: Plan, i: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def expert_tensors(view: Canonical, plan: Plan, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+def expert_tensors(
+    view: Canonical, plan: Plan, i: int, expert_scale: float = 1.0
+) -> Iterator[tuple[str, torch.Tensor]]:
     """A MoE layer's expert projections, one tensor at a time: they are most of such a model's weights, and
-    pass through unchanged (down_proj rescaled with the residual stream), so memory holds one of them."""
+    pass through unchanged (down_proj times the residual scale and the layer's expert scale), so memory holds
+    one of them."""
     geo = plan.geometry
     if not is_moe_layer(geo, i):
         return
@@ -238,8 +240,30 @@ def expert_tensors(view: Canonical, plan: Plan, i: int) -> Iterator[tuple[str, t
     for name in geo.experts.expert_tensors(i):
         tensor = view.get(name)
         if name.endswith("down_proj.weight"):
-            tensor = scaled(tensor, plan.residual_scale, plan.dtype, view.streams)
+            tensor = scaled(tensor, plan.residual_scale * expert_scale, plan.dtype, view.streams)
         yield name, tensor
+
+
+def needs_expert_scale(plan: Plan, i: int) -> bool:
+    """Whether layer i's experts take a fitted factor: a MoE layer of a source that renormalizes its top-k
+    softmax (others route exactly as DeepSeek-V2 and keep 1)."""
+    experts = plan.geometry.experts
+    return experts is not None and experts.renormalize and is_moe_layer(plan.geometry, i)
+
+
+def fit_expert_scale(plan: Plan, stats: LayerStats, logits: torch.Tensor) -> None:
+    """The factor on a layer's experts that brings DeepSeek-V2's unrenormalized weights closest to the source's
+    renormalized ones on these router logits (mla/routing.py), recorded in stats with the weight error."""
+    assert plan.geometry.experts is not None
+    scale, before, after = renormalization_scale(logits, plan.geometry.experts.top_k)
+    stats.expert_scale, stats.routing_weight_error_before, stats.routing_weight_error_after = scale, before, after
+
+
+def proxy_router_logits(view: Canonical, plan: Plan, i: int) -> torch.Tensor:
+    """Without calibration text: router logits on inputs drawn from the post-attention norm's gains."""
+    assert plan.geometry.experts is not None
+    gain = view.get(f"{_layer_name('post_norm', i)}.weight")
+    return proxy_logits(view.get(plan.geometry.experts.router(i)), gain)
 
 
 def _output_bias(view: Canonical, plan: Plan, i: int) -> torch.Tensor | None:
@@ -278,7 +302,9 @@ def convert(
         for name, tensor in tensors.items():
             sink(name, tensor)
         del tensors  # else the previous layer stays alive while the next one is computed
-        for name, tensor in expert_tensors(view, plan, i):
+        if needs_expert_scale(plan, i) and layer.expert_scale is None:  # a calibrator fits it on real inputs
+            fit_expert_scale(plan, layer, proxy_router_logits(view, plan, i))
+        for name, tensor in expert_tensors(view, plan, i, layer.expert_scale or 1.0):
             sink(name, tensor)
             del tensor
         resources.return_free_memory()  # else the fragmented C heap grows layer after layer

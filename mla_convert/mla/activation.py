@@ -13,6 +13,7 @@ import torch
 from .factorize import Factors
 
 RIDGE = 1e-6  # relative regulariser: keeps every metric invertible, so full rank stays exact
+NOISE = 1e-20  # energy ratio below which the no-rope keys are float64 rounding noise, not a map
 
 
 def psd_root(matrix: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +75,10 @@ def activation_factors(
     weighted = torch.cat([r @ kv[i * d : (i + 1) * d] for i, r in enumerate(roots)]) @ cov_root
     k_energy = float(weighted[:rows].square().sum())
     v_energy = float(weighted[rows:].square().sum())
-    balance = (key_weight * v_energy / k_energy) ** 0.5 if k_energy > 0 and v_energy > 0 else 1.0
+    # Keys whose no-rope part is only rounding noise (every key dimension rotates, as at full size under
+    # --target transformers) must not be balanced up to the values' energy: the noise would take latent rank.
+    keys_present = k_energy > NOISE * v_energy and v_energy > 0
+    balance = (key_weight * v_energy / k_energy) ** 0.5 if keys_present else 1.0
     scale = torch.ones(2 * kv_heads, dtype=kv.dtype, device=kv.device)
     scale[:kv_heads] = balance
     weighted = weighted * scale.repeat_interleave(d)[:, None]

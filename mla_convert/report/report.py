@@ -21,9 +21,9 @@ Schema of mla_report.json (version 1):
           attention-output error on held-out calibration windows around the layer-wise reconstruction), and with
           --query-refit: query_refit_error_before, query_refit_error_after (the same error around the query refit;
           equal when the refit was undone), and for a calibrated MoE layer moe_output_error (the converted expert mix
-          against the source's on the same inputs: what the target's routing weights cost) and, for a DeepSeek-V3
-          target, router_scale with router_weight_error_before/after (the top-k weights' mean squared error against
-          the source's renormalized softmax at router scale 1 and at the fitted scale)}]
+          against the source's on the same inputs: what the target's routing weights cost) and, for a source
+          that renormalizes its top-k softmax, expert_scale with routing_weight_error_before/after (the top-k
+          weights' relative error against the source's without and with that factor on the layer's experts)}]
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
            rope_energy_kept_min, rope_energy_near_mean, and with calibration k_act_error_*, v_act_error_*,
@@ -187,11 +187,11 @@ class Report:
                     **({} if layer.moe_output_error is None else {"moe_output_error": layer.moe_output_error}),
                     **(
                         {}
-                        if layer.router_scale is None
+                        if layer.expert_scale is None
                         else {
-                            "router_scale": layer.router_scale,
-                            "router_weight_error_before": layer.router_weight_error_before,
-                            "router_weight_error_after": layer.router_weight_error_after,
+                            "expert_scale": layer.expert_scale,
+                            "routing_weight_error_before": layer.routing_weight_error_before,
+                            "routing_weight_error_after": layer.routing_weight_error_after,
                         }
                     ),
                 }
