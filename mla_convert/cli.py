@@ -38,8 +38,10 @@ repeat across heads). With in-domain --calib-data and a 40-step CPU fine-tune, S
 the source perplexity at 0.5 and 1.45x at 0.25; without text of your domain expect worse (README,
 "Choosing a budget", has the table).
 
-Supported families: {supported_list()}; sliding-window sources with --allow-full-attention. Gemma 2/3, OLMo-2
-and Cohere are refused by design (DeepSeek-V3's layer cannot express their norms); docs/usage.md lists why."""
+Supported families: {supported_list()}; sliding-window sources with --allow-full-attention. MoE sources are
+written as DeepseekV2ForCausalLM (OLMoE's routing exactly; Mixtral's and Qwen3-MoE's renormalized top-k with the
+same experts, approximate weights). Gemma 2/3, OLMo-2, Cohere and Qwen2-MoE are refused by design (DeepSeek's
+layer cannot express their norms or gates); docs/usage.md lists why."""
 
 
 # Typer 0.29 parses with its own copy of click; older releases use click itself. Catch both.

@@ -151,7 +151,7 @@ def build_qwen3(config: object) -> torch.nn.Module:
 
 
 MOE_CONFIGS: dict[str, Callable[[dict], object]] = {
-    # softmax top-2, renormalized: DeepSeek-V3's sigmoid router, approximate weights
+    # softmax top-2, renormalized: the same experts in DeepSeek-V2, approximate weights (a fitted factor)
     "mixtral": lambda base: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, sliding_window=None, **base),
     # renormalized too, with a leading dense layer and per-head q/k norms
     "qwen3_moe": lambda base: Qwen3MoeConfig(

@@ -73,7 +73,7 @@ def checkpoints(tmp_path_factory, smollm2_hf) -> dict[str, tuple[Path, list[list
         "tiny 16/8": (str(root / "engine-sized"), Options(**FAST)),
         # Qwen3: per-head q/k norms replaced by scales (data-free here), then an ordinary deepseek2 GGUF
         QWEN3: (str(root / "qwen3-engine-sized"), Options(**FAST)),
-        # MoE: experts stacked per layer, DeepSeek-V3's sigmoid gating and DeepSeek-V2's softmax gating
+        # MoE (DeepSeek-V2, softmax gating): experts stacked per layer; Mixtral's with a fitted factor on them
         MIXTRAL: (str(root / "mixtral-engine-sized"), Options(**FAST)),
         OLMOE: (str(root / "olmoe-engine-sized"), Options(**FAST)),
         "SmolLM2": (str(smollm2_hf), Options(**FAST)),

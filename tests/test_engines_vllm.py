@@ -62,8 +62,8 @@ def checkpoints(tmp_path_factory, tiny_models, smollm2_hf) -> dict[str, tuple[Pa
             str(root / "qwen3-engine-sized"),
             Options(**QUICK_CALIB, validate=False, verify=False),
         ),
-        # MoE: DeepSeek-V3's sigmoid router (a fitted scale on it) and DeepSeek-V2's softmax router, experts
-        # copied, a zero shared expert
+        # MoE as DeepSeek-V2, experts copied, a zero shared expert: Mixtral (renormalized top-2: a factor on the
+        # experts fitted on calibration text) and OLMoE
         MIXTRAL: (str(root / "mixtral-engine-sized"), Options(**QUICK_CALIB, validate=False, verify=False)),
         OLMOE: (str(root / "olmoe-engine-sized"), Options(method="svd", engine="vllm", **FAST)),
         # head_dim 16: --engine vllm pads the latent and the rotary key

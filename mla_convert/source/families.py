@@ -57,20 +57,20 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen3", "Qwen3 (approximate: per-head q/k norms)", qkv_bias=None, qk_norm=True),
     "mixtral": Family(
         "mixtral",
-        "Mixtral (MoE)",
+        "Mixtral (MoE: approximate expert weights)",
         qkv_bias=False,
         moe=MoeNames("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts", "intermediate_size", True),
     ),
     "qwen3_moe": Family(
         "qwen3_moe",
-        "Qwen3-MoE (approximate: per-head q/k norms)",
+        "Qwen3-MoE (approximate: per-head q/k norms, expert weights)",
         qkv_bias=None,
         qk_norm=True,
         moe=MoeNames("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "moe_intermediate_size", None),
     ),
     "olmoe": Family(
         "olmoe",
-        "OLMoE (approximate: q/k norms)",
+        "OLMoE (MoE, exact routing; approximate: q/k norms)",
         qkv_bias=None,
         qk_norm=True,
         qk_norm_heads=False,
