@@ -280,6 +280,8 @@ def _convert_stage(
             layers=stats,
             warnings=list(plan.warnings) + engine_warnings(found),
             engines=[v.as_dict() for v in found],
+            texts=[f.as_dict(options.report_paths) for f in texts.files] if texts is not None else [],
+            report_paths=options.report_paths,
         )
         if options.gguf and not training:
             hooks.on_stage(f"writing the {options.gguf} GGUF for llama.cpp")
@@ -314,8 +316,7 @@ def _convert_stage(
         else:
             data = _validated(data, None, {}, None, tmp)
         data["resources"] = resources.usage(started)
-        write_json(tmp / "mla_report.json", data)
-        write_text(tmp / "README.md", model_card(data, model_out.name))
+        _write_report(tmp, data, model_out.name)
     return data
 
 
@@ -423,9 +424,14 @@ def _heal(
             report["gguf"] = gguf_beside(tmp, model_out.name, options.gguf, source.gguf_path)
             report["warnings"] += [w for w in report["gguf"]["warnings"] if w not in report["warnings"]]
         report["resources"] = resources.usage(started)
-        write_json(tmp / "mla_report.json", report)
-        write_text(tmp / "README.md", model_card(report, model_out.name))
+        _write_report(tmp, report, model_out.name)
     return report
+
+
+def _write_report(out_dir: Path, report: dict[str, Any], name: str) -> None:
+    """The report and the model card rendered from it."""
+    write_json(out_dir / "mla_report.json", report)
+    write_text(out_dir / "README.md", model_card(report, name))
 
 
 def _validated(
