@@ -1,5 +1,5 @@
 """The `mla-convert` command: generated from `Options` (options.py), it parses flags, calls the API and
-prints. No conversion logic lives here."""
+prints. No conversion logic lives here. `mla-convert verify OUT` checks a written folder (api.verify_output)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ EPILOG = f"""Examples:
   mla-convert model.gguf model-mla --kv-budget 0.25        # a quarter of the KV cache, calibrated, fine-tuned
   mla-convert org/model model-mla --dry-run                 # widths, cache, engines, time; writes nothing
   mla-convert ./model model-mla --engine vllm --gguf bf16   # serve in vLLM, and a GGUF for llama.cpp
+  mla-convert verify model-mla                              # every file against its recorded sha256, then a load
 
 Choosing a budget: without one the conversion is lossless (the cache shrinks only where the source's keys
 repeat across heads). With in-domain --calib-data and a 40-step CPU fine-tune, SmolLM2-135M measured 1.08x
@@ -51,12 +52,24 @@ PARSE_MESSAGES = {
 }
 
 
-class Command(TyperCommand):
-    """Usage errors (a mistyped value, an unknown flag) read like the tool's own: one `error:` line, exit 2."""
+VERIFY = "verify"
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+
+class Command(TyperCommand):
+    """Usage errors (a mistyped value, an unknown flag) read like the tool's own: one `error:` line, exit 2.
+
+    `mla-convert verify OUT` is routed here to its own command: MODEL_IN is a free positional, so a click group
+    would read `verify` as a model (a local folder named `verify` is still reached as `./verify`)."""
+
+    routes = True
+
+    def main(self, args: Any = None, *more: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        if self.routes and words[:1] == [VERIFY] and not Path(VERIFY).exists():
+            kwargs["prog_name"] = f"{kwargs.get('prog_name') or 'mla-convert'} {VERIFY}"
+            return verify_command().main(words[1:], *more, standalone_mode=standalone_mode, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, *more, standalone_mode=False, **kwargs)
         except USAGE_ERRORS as exc:
             if not standalone_mode:
                 raise
@@ -172,6 +185,42 @@ convert.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-de
 convert.__annotations__ = {p.name: p.annotation for p in convert.__signature__.parameters.values()}  # type: ignore[attr-defined]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 app.command(cls=Command, epilog=EPILOG, no_args_is_help=True)(convert)
+
+
+class VerifyCommand(Command):
+    routes = False
+
+
+def verify(
+    model_out: Annotated[Path, typer.Argument(help="The MODEL_OUT folder that mla-convert wrote.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+) -> None:
+    """Check a converted folder before publishing or serving it: every file against the sha256 that
+    mla_report.json recorded when it was written, then a load with stock transformers (no remote code)."""
+    from . import api
+
+    try:
+        _quiet_libraries(verbose)
+        found = api.verify_output(model_out)
+    except ConversionError as exc:
+        _fail(str(exc), verbose)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    for name in found["extra"]:
+        err.print(f"[yellow]warning[/yellow]: {escape(name)} is not among the files mla-convert wrote", soft_wrap=True)
+    out.print(
+        f"verified {escape(str(model_out))}: {found['files']} files match the sha256 in mla_report.json; it loads "
+        f"with stock transformers as {found['architecture']} ({found['parameters']:,} parameters)",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+def verify_command() -> click.Command:
+    verify_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+    verify_app.command(cls=VerifyCommand, no_args_is_help=True)(verify)
+    return typer.main.get_command(verify_app)
 
 
 def _dry_run(model_in: str, model_out: Path | None, options: Options, verbose: bool) -> None:

@@ -38,6 +38,7 @@ from .source.text import TextSets, TokenWindows, check_lengths, text_sets
 from .train import finetune
 from .train.distill import is_main_process
 from .util import resources
+from .write.manifest import file_hashes
 from .write.tokenizer import copy_tokenizer
 from .write.writer import (
     ShardWriter,
@@ -429,9 +430,10 @@ def _heal(
 
 
 def _write_report(out_dir: Path, report: dict[str, Any], name: str) -> None:
-    """The report and the model card rendered from it."""
-    write_json(out_dir / "mla_report.json", report)
+    """The model card, then the report with the sha256 of every other file written (the card included)."""
     write_text(out_dir / "README.md", model_card(report, name))
+    report["files"] = file_hashes(out_dir)
+    write_json(out_dir / "mla_report.json", report)
 
 
 def _validated(

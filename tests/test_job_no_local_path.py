@@ -67,6 +67,7 @@ def test_no_written_file_holds_a_local_path(nested: tuple[Path, Path, Path]) -> 
     assert report["texts"] == [{"name": "my-notes.txt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
     assert report["calibration"]["source"] == report["finetune"]["text"] == "my-notes.txt"
     assert report["validation"]["text"] == "my-notes.txt (held-out tail)"
+    assert {"model.safetensors", "published-f32.gguf", "README.md"} <= set(report["files"])
 
 
 def test_an_unfinished_fine_tune_holds_no_local_path(nested: tuple[Path, Path, Path]) -> None:
