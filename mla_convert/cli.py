@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import signal
 import sys
 import typing
 from enum import Enum
@@ -22,6 +21,7 @@ from typer.core import TyperCommand
 from .errors import ConversionError
 from .options import RUNTIME, Options, TrainSettings, cli_fields, from_flags
 from .source.families import supported_list
+from .util import signals
 from .util.version import VERSION
 
 out = Console()
@@ -245,6 +245,7 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under a multi-process launch only it reports
     display = StageDisplay(err, quiet or not main_process)
+    signals.farewell(lambda: _interrupted_line(model_out))  # if a signal has to end the run from outside
     try:
         _quiet_libraries(verbose)
         with display:
@@ -261,10 +262,9 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
     except ConversionError as exc:
         _fail(str(exc), verbose)
     except KeyboardInterrupt:
-        from .train.finetune import interrupted_note
-
-        note = interrupted_note(model_out) or "nothing was written to MODEL_OUT"
-        err.print(f"[red]interrupted[/red]: {escape(note)}", soft_wrap=True)
+        signals.farewell(None)
+        line = _interrupted_line(model_out)
+        err.print(f"[red]interrupted[/red]{escape(line.removeprefix('interrupted'))}", soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception as exc:  # anything unexpected still gets one line unless -v
         if verbose:
@@ -278,6 +278,13 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
     if not quiet and main_process:
         for line in display.summary():
             err.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def _interrupted_line(model_out: Path) -> str:
+    """What an interrupted run leaves: nothing, or (during a fine-tune) the model to --resume from."""
+    finetune = sys.modules.get("mla_convert.train.finetune")  # imported by then if a fine-tune had begun
+    note = finetune.interrupted_note(model_out) if finetune is not None else None
+    return f"interrupted: {note or 'nothing was written to MODEL_OUT'}"
 
 
 def _step_detail(info: Any) -> str:
@@ -369,12 +376,8 @@ def _fail(message: str, verbose: bool) -> None:
     raise typer.Exit(2)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)  # a kill from a scheduler cleans up like Ctrl-C
+    signals.install()  # SIGTERM cleans up like Ctrl-C, and either ends the run within seconds
     if not {"-v", "--verbose"} & set(sys.argv[1:]):
         # tqdm reads this when it is first imported, so it must be set before transformers loads.
         os.environ.setdefault("TQDM_DISABLE", "1")
