@@ -40,10 +40,12 @@ def smollm2(smollm2_hf):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Run each CLI setting once for the module."""
+    """Run each CLI setting once for the module; the outputs (SmolLM2-sized) are removed after it."""
     from typer.testing import CliRunner
 
     from mla_convert.cli import app
+
+    from .conftest import removed_at_teardown
 
     root = tmp_path_factory.mktemp("smollm2")
     outputs = {}
@@ -56,7 +58,8 @@ def converted(tmp_path_factory):
             outputs[name] = out
         return outputs[name]
 
-    return convert
+    with removed_at_teardown(root):
+        yield convert
 
 
 def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, converted):

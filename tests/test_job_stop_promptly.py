@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,17 @@ def stop(proc: subprocess.Popen, signum: int) -> tuple[float, str]:
 
 
 @pytest.fixture
+def started() -> Iterator[list[subprocess.Popen]]:
+    """The runs a test starts; any still alive when it ends (a failed assertion) is killed, never left stuck."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
 def text(tmp_path: Path) -> Path:
     return write_txt(tmp_path / "notes.txt", documents(120, seed=3))
 
@@ -120,9 +132,17 @@ def text(tmp_path: Path) -> Path:
         ("validation", signal.SIGTERM),
     ],
 )
-def test_a_signal_inside_a_long_call_ends_the_run_within_3_s(text_model, text, tmp_path, point, signum) -> None:  # noqa: F811
+def test_a_signal_inside_a_long_call_ends_the_run_within_3_s(
+    text_model,  # noqa: F811
+    text,
+    tmp_path,
+    started,
+    point,
+    signum,
+) -> None:
     model_out = tmp_path / "model_out"
     proc = start_stuck(point, text_model, model_out, text, "--finetune-steps", "0")
+    started.append(proc)
     assert len(temp_dirs(tmp_path)) == POINTS[point][3], "is the run writing into its staging folder by now?"
     seconds, stderr = stop(proc, signum)
     assert seconds < STOP_WITHIN, f"{seconds:.2f} s"
@@ -131,9 +151,16 @@ def test_a_signal_inside_a_long_call_ends_the_run_within_3_s(text_model, text, t
     assert not model_out.exists() and temp_dirs(tmp_path) == []
 
 
-def test_sigterm_during_the_fine_tune_keeps_the_checkpoint_to_resume(cli, text_model, text, tmp_path) -> None:  # noqa: F811
+def test_sigterm_during_the_fine_tune_keeps_the_checkpoint_to_resume(
+    cli,
+    text_model,  # noqa: F811
+    text,
+    tmp_path,
+    started,
+) -> None:
     model_out = tmp_path / "model_out"
     proc = start_stuck("fine-tune", text_model, model_out, text, *FINETUNE)
+    started.append(proc)
     seconds, stderr = stop(proc, signal.SIGTERM)
     assert seconds < STOP_WITHIN, f"{seconds:.2f} s"
     assert proc.returncode == 130, stderr
