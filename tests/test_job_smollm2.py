@@ -72,7 +72,11 @@ def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, c
     assert float((logits - reference).abs().max()) <= 1e-3
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "longrope" and "mla_convert_warning" in config
-    assert "vLLM and SGLang" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "vLLM and SGLang" in card
+    # the new user's check on the real file: the card publishes the license and name the GGUF declares
+    assert "\nlicense: apache-2.0\n" in card.partition("\n---\n")[0]
+    assert "\n# exact: Smollm2 135M 8k Lc100K Mix1 Ep2 in Multi-head Latent Attention\n" in card
 
 
 def test_portable_profile_reports_smollm2_rotary_loss(smollm2, converted):
