@@ -51,6 +51,15 @@ def dry_run(
     return preview(str(model_in), options, None if model_out is None else Path(model_out))
 
 
+def verify_output(model_out: str | Path) -> dict[str, Any]:
+    """Check a written MODEL_OUT: every file against the sha256 its report recorded, then a load with stock
+    transformers. Returns {files, extra, architecture, parameters}; a problem raises ConversionError naming
+    the file."""
+    from .evaluate.integrity import check_output
+
+    return check_output(Path(model_out).expanduser())
+
+
 def with_settings(options: Options | None, settings: dict[str, Any]) -> Options:
     """`options` (default: Options()) with keyword settings applied; fine-tune ones go into `train`."""
     options = options or Options()

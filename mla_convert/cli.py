@@ -1,12 +1,11 @@
 """The `mla-convert` command: generated from `Options` (options.py), it parses flags, calls the API and
-prints. No conversion logic lives here."""
+prints. No conversion logic lives here. `mla-convert verify OUT` checks a written folder (api.verify_output)."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 import os
-import signal
 import sys
 import typing
 from enum import Enum
@@ -22,6 +21,7 @@ from typer.core import TyperCommand
 from .errors import ConversionError
 from .options import RUNTIME, Options, TrainSettings, cli_fields, from_flags
 from .source.families import supported_list
+from .util import signals
 from .util.version import VERSION
 
 out = Console()
@@ -32,6 +32,7 @@ EPILOG = f"""Examples:
   mla-convert model.gguf model-mla --kv-budget 0.25        # a quarter of the KV cache, calibrated, fine-tuned
   mla-convert org/model model-mla --dry-run                 # widths, cache, engines, time; writes nothing
   mla-convert ./model model-mla --engine vllm --gguf bf16   # serve in vLLM, and a GGUF for llama.cpp
+  mla-convert verify model-mla                              # every file against its recorded sha256, then a load
 
 Choosing a budget: without one the conversion is lossless (the cache shrinks only where the source's keys
 repeat across heads). With in-domain --calib-data and a 40-step CPU fine-tune, SmolLM2-135M measured 1.08x
@@ -53,12 +54,24 @@ PARSE_MESSAGES = {
 }
 
 
-class Command(TyperCommand):
-    """Usage errors (a mistyped value, an unknown flag) read like the tool's own: one `error:` line, exit 2."""
+VERIFY = "verify"
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+
+class Command(TyperCommand):
+    """Usage errors (a mistyped value, an unknown flag) read like the tool's own: one `error:` line, exit 2.
+
+    `mla-convert verify OUT` is routed here to its own command: MODEL_IN is a free positional, so a click group
+    would read `verify` as a model (a local folder named `verify` is still reached as `./verify`)."""
+
+    routes = True
+
+    def main(self, args: Any = None, *more: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        if self.routes and words[:1] == [VERIFY] and not Path(VERIFY).exists():
+            kwargs["prog_name"] = f"{kwargs.get('prog_name') or 'mla-convert'} {VERIFY}"
+            return verify_command().main(words[1:], *more, standalone_mode=standalone_mode, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, *more, standalone_mode=False, **kwargs)
         except USAGE_ERRORS as exc:
             if not standalone_mode:
                 raise
@@ -176,6 +189,42 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 app.command(cls=Command, epilog=EPILOG, no_args_is_help=True)(convert)
 
 
+class VerifyCommand(Command):
+    routes = False
+
+
+def verify(
+    model_out: Annotated[Path, typer.Argument(help="The MODEL_OUT folder that mla-convert wrote.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+) -> None:
+    """Check a converted folder before publishing or serving it: every file against the sha256 that
+    mla_report.json recorded when it was written, then a load with stock transformers (no remote code)."""
+    from . import api
+
+    try:
+        _quiet_libraries(verbose)
+        found = api.verify_output(model_out)
+    except ConversionError as exc:
+        _fail(str(exc), verbose)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    for name in found["extra"]:
+        err.print(f"[yellow]warning[/yellow]: {escape(name)} is not among the files mla-convert wrote", soft_wrap=True)
+    out.print(
+        f"verified {escape(str(model_out))}: {found['files']} files match the sha256 in mla_report.json; it loads "
+        f"with stock transformers as {found['architecture']} ({found['parameters']:,} parameters)",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+def verify_command() -> click.Command:
+    verify_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+    verify_app.command(cls=VerifyCommand, no_args_is_help=True)(verify)
+    return typer.main.get_command(verify_app)
+
+
 def _dry_run(model_in: str, model_out: Path | None, options: Options, verbose: bool) -> None:
     from . import api
 
@@ -198,6 +247,7 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under a multi-process launch only it reports
     display = StageDisplay(err, quiet or not main_process)
+    signals.farewell(lambda: _interrupted_line(model_out))  # if a signal has to end the run from outside
     try:
         _quiet_libraries(verbose)
         with display:
@@ -214,10 +264,9 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
     except ConversionError as exc:
         _fail(str(exc), verbose)
     except KeyboardInterrupt:
-        from .train.finetune import interrupted_note
-
-        note = interrupted_note(model_out) or "nothing was written to MODEL_OUT"
-        err.print(f"[red]interrupted[/red]: {escape(note)}", soft_wrap=True)
+        signals.farewell(None)
+        line = _interrupted_line(model_out)
+        err.print(f"[red]interrupted[/red]{escape(line.removeprefix('interrupted'))}", soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception as exc:  # anything unexpected still gets one line unless -v
         if verbose:
@@ -231,6 +280,13 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
     if not quiet and main_process:
         for line in display.summary():
             err.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def _interrupted_line(model_out: Path) -> str:
+    """What an interrupted run leaves: nothing, or (during a fine-tune) the model to --resume from."""
+    finetune = sys.modules.get("mla_convert.train.finetune")  # imported by then if a fine-tune had begun
+    note = finetune.interrupted_note(model_out) if finetune is not None else None
+    return f"interrupted: {note or 'nothing was written to MODEL_OUT'}"
 
 
 def _step_detail(info: Any) -> str:
@@ -322,12 +378,8 @@ def _fail(message: str, verbose: bool) -> None:
     raise typer.Exit(2)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)  # a kill from a scheduler cleans up like Ctrl-C
+    signals.install()  # SIGTERM cleans up like Ctrl-C, and either ends the run within seconds
     if not {"-v", "--verbose"} & set(sys.argv[1:]):
         # tqdm reads this when it is first imported, so it must be set before transformers loads.
         os.environ.setdefault("TQDM_DISABLE", "1")

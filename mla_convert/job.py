@@ -38,6 +38,7 @@ from .source.text import TextSets, TokenWindows, check_lengths, text_sets
 from .train import finetune
 from .train.distill import is_main_process
 from .util import resources
+from .write.manifest import file_hashes
 from .write.tokenizer import copy_tokenizer
 from .write.writer import (
     ShardWriter,
@@ -281,6 +282,8 @@ def _convert_stage(
             layers=stats,
             warnings=list(plan.warnings) + engine_warnings(found),
             engines=[v.as_dict() for v in found],
+            texts=[f.as_dict(options.report_paths) for f in texts.files] if texts is not None else [],
+            report_paths=options.report_paths,
         )
         if options.gguf and not training:
             hooks.on_stage(f"writing the {options.gguf} GGUF for llama.cpp")
@@ -315,8 +318,7 @@ def _convert_stage(
         else:
             data = _validated(data, None, {}, None, tmp)
         data["resources"] = resources.usage(started)
-        write_json(tmp / "mla_report.json", data)
-        write_text(tmp / "README.md", model_card(data, model_out.name))
+        _write_report(tmp, data, model_out.name)
     return data
 
 
@@ -424,9 +426,15 @@ def _heal(
             report["gguf"] = gguf_beside(tmp, model_out.name, options.gguf, source.gguf_path)
             report["warnings"] += [w for w in report["gguf"]["warnings"] if w not in report["warnings"]]
         report["resources"] = resources.usage(started)
-        write_json(tmp / "mla_report.json", report)
-        write_text(tmp / "README.md", model_card(report, model_out.name))
+        _write_report(tmp, report, model_out.name)
     return report
+
+
+def _write_report(out_dir: Path, report: dict[str, Any], name: str) -> None:
+    """The model card, then the report with the sha256 of every other file written (the card included)."""
+    write_text(out_dir / "README.md", model_card(report, name))
+    report["files"] = file_hashes(out_dir)
+    write_json(out_dir / "mla_report.json", report)
 
 
 def _validated(

@@ -193,6 +193,12 @@ class Options:
     )
     max_shard_size: str | int = flag("5GB", "Largest output shard, e.g. 5GB, 500MB (or bytes).", OUTPUT)
     force: bool = flag(False, "Replace MODEL_OUT if it exists.", OUTPUT)
+    report_paths: bool = flag(
+        False,
+        "Record the full local paths of MODEL_IN and the text files in mla_report.json (only there, never in the "
+        "card). Off by default: the output names them by base name, so it can be published as it is.",
+        OUTPUT,
+    )
     verify: bool = flag(True, "Check the written model's logits against the source.", OUTPUT)
     validate: bool = flag(True, "Measure quality (perplexity, KL, top-1) on held-out text at the end.", OUTPUT)
     device: str = flag(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -267,12 +269,22 @@ def smollm2_gguf() -> Path:
     return gguf
 
 
+@contextlib.contextmanager
+def removed_at_teardown(folder: Path) -> Iterator[Path]:
+    """Yield `folder`, then delete it: for fixtures that hold SmolLM2-sized checkpoints (hundreds of MB each),
+    which pytest would otherwise keep until the session ends, or after a failed one."""
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A safetensors copy of SmolLM2 (the GGUF's dequantized float32 weights) with its tokenizer.
 
     Saved once per session: reading the GGUF dequantizes every tensor, which is slow, and the copy holds
-    exactly the same weights.
+    exactly the same weights. Removed at the end of the session (540 MB).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -285,4 +297,6 @@ def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(copy)
     AutoTokenizer.from_pretrained(root, gguf_file=name).save_pretrained(copy)
-    return copy
+    del model, plain
+    with removed_at_teardown(copy.parent):
+        yield copy

@@ -40,10 +40,12 @@ def smollm2(smollm2_hf):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Run each CLI setting once for the module."""
+    """Run each CLI setting once for the module; the outputs (SmolLM2-sized) are removed after it."""
     from typer.testing import CliRunner
 
     from mla_convert.cli import app
+
+    from .conftest import removed_at_teardown
 
     root = tmp_path_factory.mktemp("smollm2")
     outputs = {}
@@ -56,7 +58,8 @@ def converted(tmp_path_factory):
             outputs[name] = out
         return outputs[name]
 
-    return convert
+    with removed_at_teardown(root):
+        yield convert
 
 
 def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, converted):
@@ -69,7 +72,11 @@ def test_transformers_profile_reproduces_smollm2_logits(smollm2, smollm2_gguf, c
     assert float((logits - reference).abs().max()) <= 1e-3
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "longrope" and "mla_convert_warning" in config
-    assert "vLLM and SGLang" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "vLLM and SGLang" in card
+    # the new user's check on the real file: the card publishes the license and name the GGUF declares
+    assert "\nlicense: apache-2.0\n" in card.partition("\n---\n")[0]
+    assert "\n# exact: Smollm2 135M 8k Lc100K Mix1 Ep2 in Multi-head Latent Attention\n" in card
 
 
 def test_portable_profile_reports_smollm2_rotary_loss(smollm2, converted):

@@ -126,7 +126,9 @@ def test_text_files_and_warnings_are_named_without_their_directories(hub_copy, t
     assert "calibrated on 1024 tokens of `calib.txt`" in card
     assert "Measured on 512 tokens of the held-out tail of `calib.txt`, unseen by calibration" in card
     assert "| converted | 9.900 | 1.100 | 0.0500 | 90.0% |" in card
-    assert "- calib.txt gave 512 calibration tokens" in card and "read SmolLM2-135M-copy/config.json" in card
+    assert "- calib.txt gave 512 calibration tokens" in card and "read config.json" in card
+    r["source"]["path"] = str(src)  # a report written with --report-paths: its path becomes the source's name
+    assert "read SmolLM2-135M-copy/config.json" in model_card(r, "SmolLM2-135M-mla")
 
 
 def test_hub_id_source_is_the_base_model(hub_copy) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -23,8 +24,11 @@ HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 96, 2, 4, 2, 128
 HEAD_DIM = HIDDEN // HEADS
 
 
-def write_llama_gguf(path: Path, tied: bool = True, seed: int = 0) -> Path:
-    """A float32 Llama GGUF named as llama.cpp names Llama tensors (shapes given in torch order)."""
+def write_llama_gguf(
+    path: Path, tied: bool = True, seed: int = 0, describe: Callable[[gguf.GGUFWriter], None] | None = None
+) -> Path:
+    """A float32 Llama GGUF named as llama.cpp names Llama tensors (shapes given in torch order); `describe`
+    adds metadata (general.license, general.base_model.*, ...)."""
     rng = np.random.default_rng(seed)
 
     def rand(*shape: int) -> np.ndarray:
@@ -32,6 +36,8 @@ def write_llama_gguf(path: Path, tied: bool = True, seed: int = 0) -> Path:
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny llama")
+    if describe is not None:
+        describe(writer)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)

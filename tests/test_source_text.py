@@ -179,10 +179,10 @@ def test_calibration_format(text_model: Path, tokenizer: object, tmp_path: Path,
     data = write(tmp_path, docs, column)
     assert data.suffix == suffix
     report = convert(text_model, tmp_path / "out", calib_data=str(data), text_column=column)
-    assert_calibrated(report, str(data), WHOLE)
+    assert_calibrated(report, data.name, WHOLE)
     evaluation = report["evaluation"]
     assert evaluation is not None
-    assert evaluation["text"] == f"{data} (held-out tail)"
+    assert evaluation["text"] == f"{data.name} (held-out tail)"
     assert 0 < evaluation["tokens"] <= EVAL_TOKENS
     assert not any("fewer than" in w or "no --calib-data" in w for w in report["warnings"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -201,10 +201,10 @@ def test_custom_column_and_eval_data_via_cli(cli, text_model: Path, tmp_path: Pa
     assert [line[:6] for line in lines if not line.startswith("engine ")] == ["plan: ", "warnin"], result.stderr
     assert len([line for line in lines if line.startswith("engine ")]) == 4  # one per engine, before the plan
     assert "warning: vLLM refuses" in result.stderr  # the only warning: this width is not one vLLM serves
-    assert "Validation on" in result.stdout and str(held) in result.stdout.replace("\n", "")
+    assert "Validation on" in result.stdout and held.name in result.stdout.replace("\n", "")
     report = json.loads((out / "mla_report.json").read_text())
-    assert_calibrated(report, str(calib), WHOLE)
-    assert report["evaluation"]["text"] == str(held)
+    assert_calibrated(report, calib.name, WHOLE)
+    assert report["evaluation"]["text"] == held.name
     assert [w[:12] for w in report["warnings"]] == ["vLLM refuses"]
     assert temp_dirs(tmp_path) == []
 
@@ -217,14 +217,14 @@ def test_eval_data_leaves_the_whole_calibration_file_for_calibration(
     held = write_txt(tmp_path / "eval.txt", documents(10, seed=2))
 
     with_eval = convert(text_model, tmp_path / "with_eval", calib_data=str(data), eval_data=str(held))
-    assert_calibrated(with_eval, str(data), WHOLE)
-    assert with_eval["evaluation"]["text"] == str(held)
+    assert_calibrated(with_eval, data.name, WHOLE)
+    assert with_eval["evaluation"]["text"] == held.name
     assert [w[:12] for w in with_eval["warnings"]] == ["vLLM refuses"]  # the width, not the text
 
     alone = convert(text_model, tmp_path / "alone", calib_data=str(data))
     windows = WHOLE // SEQ
-    assert_calibrated(alone, str(data), (windows - windows // 5) * SEQ)
-    assert alone["evaluation"]["text"] == f"{data} (held-out tail)"
+    assert_calibrated(alone, data.name, (windows - windows // 5) * SEQ)
+    assert alone["evaluation"]["text"] == f"{data.name} (held-out tail)"
     (warning,) = [w for w in alone["warnings"] if "fewer than" in w]
     assert f"fewer than the {WHOLE} asked for" in warning and "held out for evaluation" in warning
 
@@ -244,11 +244,11 @@ def test_fewer_tokens_than_asked_warns_and_succeeds(cli, text_model: Path, token
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert warnings == result.stderr.splitlines()
     (warning,) = [w for w in warnings if not w.startswith("warning: vLLM refuses")]
-    assert f"{data} gave {expected} calibration tokens, fewer than the {WHOLE} asked for" in warning
+    assert f"{data.name} gave {expected} calibration tokens, fewer than the {WHOLE} asked for" in warning
     report = json.loads((out / "mla_report.json").read_text())
-    assert_calibrated(report, str(data), expected)
+    assert_calibrated(report, data.name, expected)
     assert any("fewer than" in w for w in report["warnings"])
-    assert report["evaluation"]["text"] == f"{data} (held-out tail)"
+    assert report["evaluation"]["text"] == f"{data.name} (held-out tail)"
 
 
 def test_single_window_file_calibrates_and_samples_the_evaluation(
@@ -256,7 +256,7 @@ def test_single_window_file_calibrates_and_samples_the_evaluation(
 ) -> None:
     data = write_txt(tmp_path / "one_window.txt", docs_with_tokens(tokenizer, SEQ, 2 * SEQ))
     report = convert(text_model, tmp_path / "out", calib_data=str(data))
-    assert_calibrated(report, str(data), SEQ)
+    assert_calibrated(report, data.name, SEQ)
     assert any(f"fewer than the {WHOLE} asked for" in w for w in report["warnings"])
     assert report["evaluation"]["text"] == "sampled from the source (separate seed)"
 
@@ -337,8 +337,8 @@ def test_text_sets_hold_out_the_tail_of_the_file(text_model: Path, tokenizer: ob
     sets = text_sets(source, calib_data=str(data), eval_data=None, eval_tokens=EVAL_TOKENS, **common)
     take, count = WHOLE // SEQ, windows.shape[0]
     held = min(take, count - take)
-    assert sets.calib.origin == str(data) and torch.equal(sets.calib.ids, windows[spread(take, count - held)])
-    assert sets.evaluation is not None and sets.evaluation.origin == f"{data} (held-out tail)"
+    assert sets.calib.origin == data.name and torch.equal(sets.calib.ids, windows[spread(take, count - held)])
+    assert sets.evaluation is not None and sets.evaluation.origin == f"{data.name} (held-out tail)"
     assert torch.equal(sets.evaluation.ids, windows[count - held :][: EVAL_TOKENS // SEQ])
     calib_rows = {tuple(row) for row in sets.calib.ids.tolist()}
     assert calib_rows.isdisjoint(tuple(row) for row in sets.evaluation.ids.tolist())
@@ -347,7 +347,7 @@ def test_text_sets_hold_out_the_tail_of_the_file(text_model: Path, tokenizer: ob
     held = write_txt(tmp_path / "eval.txt", documents(10, seed=4))
     sets = text_sets(source, calib_data=str(data), eval_data=str(held), eval_tokens=EVAL_TOKENS, **common)
     assert torch.equal(sets.calib.ids, windows[spread(take, count)])  # nothing held out: the whole file
-    assert sets.evaluation is not None and sets.evaluation.origin == str(held)
+    assert sets.evaluation is not None and sets.evaluation.origin == held.name
     expected = tokenize_windows(read_texts(str(held)), tokenizer, SEQ)[: EVAL_TOKENS // SEQ]
     assert torch.equal(sets.evaluation.ids, expected)
 
@@ -361,7 +361,7 @@ def test_a_share_of_the_calibration_text_can_be_sampled_from_the_source(
     common = {"calib_tokens": CALIB_TOKENS, "seq_len": SEQ, "column": "text", "seed": 0, "need_eval": True}
     sets = text_sets(source, calib_data=str(data), eval_data=None, eval_tokens=EVAL_TOKENS, sampled_share=0.2, **common)
     take, sampled = WHOLE // SEQ, round(0.2 * (WHOLE // SEQ))
-    assert sets.calib.ids.shape == (take, SEQ) and sets.calib.origin == f"{data} and text sampled from the source"
+    assert sets.calib.ids.shape == (take, SEQ) and sets.calib.origin == f"{data.name} and text sampled from the source"
     file_rows = {tuple(row) for row in windows.tolist()}
     rows = [tuple(row) for row in sets.calib.ids.tolist()]
     assert all(row in file_rows for row in rows[: take - sampled])

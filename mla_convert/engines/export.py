@@ -27,4 +27,5 @@ def gguf_beside(checkpoint: Path, name: str, quant: str, source_gguf: Path | Non
     """
     from .gguf_export import write_gguf  # reads the gguf package only when asked for
 
-    return write_gguf(checkpoint, checkpoint / f"{name}-{quant}.gguf", quant=quant, tokenizer_gguf=source_gguf)
+    out_file = checkpoint / f"{name}-{quant}.gguf"
+    return write_gguf(checkpoint, out_file, quant=quant, tokenizer_gguf=source_gguf, name=name)

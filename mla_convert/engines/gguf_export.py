@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -639,15 +639,24 @@ def read_vocab(checkpoint: Path, n_vocab: int, tokenizer_gguf: Path | None) -> V
 
 
 def write_gguf(
-    checkpoint: Path, out_file: Path, *, quant: str = "f32", tokenizer_gguf: Path | None = None
+    checkpoint: Path,
+    out_file: Path,
+    *,
+    quant: str = "f32",
+    tokenizer_gguf: Path | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Write `checkpoint` as one GGUF at `out_file` (atomically); returns the summary for the report.
 
-    Everything that could refuse (type, config, weights, tokenizer) is checked before a byte is written.
+    `general.name` is `name`, else the checkpoint folder's (the job passes MODEL_OUT's: it writes from a
+    staging folder whose name is no one's business). Everything that could refuse (type, config, weights,
+    tokenizer) is checked before a byte is written.
     """
     checkpoint, out_file = Path(checkpoint), Path(out_file)
     _check_quant(quant)
     geo = read_geometry(checkpoint)
+    if name:
+        geo = replace(geo, name=name)
     weights = Weights(checkpoint)
     planned = plan_tensors(weights, geo, quant)
     vocab = read_vocab(checkpoint, geo.vocab, tokenizer_gguf)

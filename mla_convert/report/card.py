@@ -2,18 +2,20 @@
 so the fine-tune stage can re-render it without the conversion's in-memory objects.
 
 The card is meant to be uploaded to the Hugging Face Hub as it is: its YAML metadata names the base model and
-license where the source declares them (never a guess), and its text names the source and every text file by
-hub id or file name, never by a local path.
+license where the source declares them (a GGUF: its `general.*` metadata; never a guess), its title the model's
+own name where a GGUF states one, and its text names the source and every text file by hub id or file name,
+never by a local path.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
 from ..plan.target_config import TRANSFORMERS_ONLY
+from ..util.names import looks_local, strip_paths
 from ..util.units import human_bytes
 from .plots import LAYER_PLOT, LOSS_PLOT
 
@@ -23,8 +25,6 @@ HELD_OUT = " (held-out tail)"  # source/text.py's suffix for the held-out end of
 MIXED = " and text sampled from the source"  # source/text.py: a file mixed with sampled text (--calib-sampled)
 SAMPLED = "sampled from the source"
 FILE_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".parquet")
-# An absolute path in free text: /a/b, ~/a or C:\a, not inside a word, a URL or a ratio such as K/V.
-ABSOLUTE = re.compile(r"(?<![\w./:~-])(?:~|[A-Za-z]:)?[/\\](?=[^\s/\\])[^\s`'\"()|,;<>]*")
 PLAIN = re.compile(r"^[A-Za-z0-9][\w./-]*$")
 YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n", "~"}
 
@@ -53,10 +53,11 @@ def model_card(report: dict[str, Any], model_out_name: str) -> str:
     body = "\n".join(s for s in sections if s)
     target_class = report["settings"].get("target_class", DEFAULT_CLASS)
     return f"""{front_matter(report)}
-# {model_out_name}
+# {title(report["source"], model_out_name)}
 
 Multi-head Latent Attention (DeepSeek-V3 layout) conversion of {_source_ref(report["source"])}, made with
-mla-convert {report["tool"]["version"]}. It is a stock `{target_class}` checkpoint:
+mla-convert {report["tool"]["version"]}.{lineage_note(report["source"])} It is a stock `{target_class}`
+checkpoint:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,8 +80,9 @@ def front_matter(report: dict[str, Any]) -> str:
     src = report["source"]
     meta: list[tuple[str, Any]] = []
     base = source_hub_id(src)
-    if base:
-        meta.append(("base_model", base))
+    stated = [b["hub_id"] for b in src.get("base_models") or [] if b.get("hub_id")]
+    if base or stated:
+        meta.append(("base_model", base or (stated[0] if len(stated) == 1 else stated)))
     declared = src.get("license")
     if declared:
         meta.append(("license", declared))
@@ -107,18 +109,35 @@ def source_hub_id(src: dict[str, Any]) -> str | None:
     if "hub_id" in src:
         return src["hub_id"]
     path = src["path"]
-    return None if _looks_local(path) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) else path
+    return None if looks_local(path) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) else path
 
 
 def source_name(src: dict[str, Any]) -> str:
     """How the card names the source: its hub id, or the bare name of its folder or file."""
     if src.get("name"):
         return src["name"]
-    return PurePath(src["path"]).name if _looks_local(src["path"]) else src["path"]
+    return PurePath(src["path"]).name if looks_local(src["path"]) else src["path"]
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~", "\\")) or bool(re.match(r"[A-Za-z]:", path)) or Path(path).exists()
+def title(src: dict[str, Any], model_out_name: str) -> str:
+    """MODEL_OUT's name, with the model's own name where the source states one (a GGUF's general.name)."""
+    named = src.get("model_name")
+    return f"{model_out_name}: {named} in Multi-head Latent Attention" if named else model_out_name
+
+
+def lineage_note(src: dict[str, Any]) -> str:
+    """What a GGUF source states of its model: organization and base models (linked only where it gives a repo)."""
+    parts = []
+    if src.get("model_name"):
+        by = f" by {src['organization']}" if src.get("organization") else ""
+        parts.append(f"The source file names its model *{src['model_name']}*{by}.")
+    bases = []
+    for base in src.get("base_models") or []:
+        label = " by ".join(x for x in (base.get("name") or base.get("hub_id"), base.get("organization")) if x)
+        bases.append(f"[`{base['hub_id']}`]({HUB}/{base['hub_id']})" if base.get("hub_id") else label)
+    if bases:
+        parts.append(f"It states its base model{'s' if len(bases) > 1 else ''}: {', '.join(bases)}.")
+    return (" " + " ".join(parts)) if parts else ""
 
 
 def _source_ref(src: dict[str, Any]) -> str:
@@ -157,17 +176,17 @@ def text_origin(origin: str) -> str:
 def _spec_name(spec: str) -> str:
     """A text file by its file name; a hub dataset id (`name[:config][@split]`) as it is."""
     dataset = spec.partition("@")[0].partition(":")[0]
-    file = _looks_local(spec) or dataset.count("/") > 1 or PurePath(dataset).suffix.lower() in FILE_SUFFIXES
+    file = looks_local(spec) or dataset.count("/") > 1 or PurePath(dataset).suffix.lower() in FILE_SUFFIXES
     return PurePath(spec.replace("\\", "/")).name if file else spec
 
 
 def scrub(text: str, r: dict[str, Any]) -> str:
     """Free text from the report (warnings, reasons) with the source's path and any other absolute path
     replaced by the bare file or folder name."""
-    path = r["source"]["path"]
-    if _looks_local(path):
+    path = r["source"].get("path")
+    if path and looks_local(path):
         text = text.replace(path, source_name(r["source"]))
-    return ABSOLUTE.sub(lambda m: PurePath(m.group(0).replace("\\", "/")).name or m.group(0), text)
+    return strip_paths(text)
 
 
 def conversion_section(r: dict[str, Any]) -> str:

@@ -2,11 +2,15 @@
 
 Schema of mla_report.json (version 1):
   schema_version, tool {name, version},
-  source {path (as given: a local path or a hub id), name (hub id, or the folder / file name: what the model card
-          shows), hub_id (the hub repo it was given as, or the `org/name` its config.json's `_name_or_path`
-          declares, else null), license (its README.md's `license:`, else config.json's, else null), and
-          license_name, license_link (only with `license: other`), architecture, layers, heads, kv_heads,
-          head_dim, and for a MoE source experts {count, top_k, width, dense_layers, renormalize}},
+  source {name (hub id, or the folder / file name: what the model card shows), hub_id (the hub repo it was given
+          as, the `org/name` its config.json's `_name_or_path` declares, or the repository a GGUF states, else
+          null), license (its README.md's `license:`, else config.json's; a GGUF's `general.license`; else null),
+          and license_name, license_link (only with `license: other`), architecture, layers, heads, kv_heads,
+          head_dim, and for a MoE source experts {count, top_k, width, dense_layers, renormalize}; a GGUF's own
+          statements (report/lineage.py): model_name, organization, base_models [{name, organization, hub_id}];
+          path (the full local path, or the hub id) only with --report-paths},
+  texts [{name (base name, or hub dataset id), bytes, sha256 (null for a dataset), path (only with
+         --report-paths)}] of every text file read,
   settings {target, target_class (the stock class written), kv_lora_rank (as written, zero padding included),
             latent_rank (real latent components),
             qk_rope_head_dim, engine (--engine or null), rope_theta, rotary_stride, rotary_density, dtype, split_reason,
@@ -41,7 +45,11 @@ Schema of mla_report.json (version 1):
   plots [file names of the PNGs beside the checkpoint],
   resources {peak_rss_bytes, seconds} of the run that wrote the report (the only part that varies between
             identical runs; the model card leaves it out),
-  warnings [str]
+  warnings [str],
+  files {relative name: {bytes, sha256}} of every other file written beside the report (`mla-convert verify OUT`
+        checks them)
+
+No local path appears anywhere (texts and sources are named by base name) unless --report-paths asked for one.
 """
 
 from __future__ import annotations
@@ -60,8 +68,11 @@ from ..evaluate.verify import Verification
 from ..plan.plan import Plan
 from ..plan.target_config import DTYPE_NAMES
 from ..source.checkpoint import Source
+from ..source.gguf_header import gguf_general
+from ..util.names import strip_paths
 from ..util.units import human_bytes
 from ..util.version import VERSION
+from .lineage import gguf_facts
 
 ORG_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*$")  # a hub id with its owner: "org/name"
 
@@ -81,6 +92,8 @@ class Report:
     engines: list[dict[str, str]] = field(default_factory=list)
     gguf: dict[str, Any] | None = None
     source_facts: dict[str, Any] = field(default_factory=dict)  # name, hub_id, license (see source_facts)
+    texts: list[dict[str, Any]] = field(default_factory=list)  # the text files read (source/text.py TextFile)
+    report_paths: bool = False  # --report-paths: full local paths in the report (never in the card)
 
     @property
     def calibrated(self) -> bool:
@@ -130,7 +143,7 @@ class Report:
             "schema_version": 1,
             "tool": {"name": "mla-convert", "version": VERSION},
             "source": {
-                "path": self.source_label,
+                **({"path": full_path(self.source_label)} if self.report_paths else {}),
                 **self.source_facts,
                 "architecture": geo.arch,
                 "layers": geo.layers,
@@ -154,6 +167,7 @@ class Report:
                 "lossless_kv_rank": plan.full_kv_rank,
                 "rotary_slots": [list(s) if s is not None else None for s in plan.slots],
             },
+            "texts": self.texts,
             "kv_cache": self.kv_cache(),
             "engines": self.engines,
             "gguf": self.gguf,
@@ -204,8 +218,14 @@ class Report:
             "validation": self.validation,
             "plots": self.plots,
             "verification": self.verification.as_dict() if self.verification else None,
-            "warnings": self.warnings,
+            "warnings": self.warnings if self.report_paths else [strip_paths(w) for w in self.warnings],
         }
+
+
+def full_path(label: str) -> str:
+    """MODEL_IN for --report-paths: a local path made absolute, a hub id as it is."""
+    path = Path(label).expanduser()
+    return str(path.resolve()) if path.exists() else label
 
 
 def source_facts(source: Source) -> dict[str, Any]:
@@ -226,6 +246,8 @@ def source_facts(source: Source) -> dict[str, Any]:
         "hub_id": hub_id,
         "license": None,
     }
+    if source.gguf_path is not None:  # the file's own metadata; a README beside it may be anyone's
+        return {**facts, **gguf_facts(gguf_general(source.gguf_path))}
     readme = source.root / "README.md"
     meta = _front_matter(readme) if readme.is_file() else (_front_matter(_hub_readme(label)) if not local else {})
     declared_license = meta.get("license") if isinstance(meta.get("license"), str) else raw.get("license")

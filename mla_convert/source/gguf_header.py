@@ -1,4 +1,5 @@
-"""A GGUF file's header, read without the tensors: the shapes it declares, and whether the file holds them.
+"""A GGUF file's header, read without the tensors: the shapes it declares, whether the file holds them, and
+its `general.*` metadata (name, license, lineage) for the model card.
 
 gguf.GGUFReader maps every tensor as it parses and fails on a file cut short with a reshape error that
 names neither the file nor the cause; this reads only the header (metadata is stepped over), so a file
@@ -43,7 +44,7 @@ def gguf_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if size < 8 or file.read(4) != b"GGUF":
                 raise ConversionError(f"{name} is not a GGUF file (it does not start with the GGUF magic)")
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                tensors, data_offset = _parse_gguf_header(data, name)
+                tensors, data_offset, _ = _parse_gguf_header(data, name)
     except OSError as exc:
         raise ConversionError(f"cannot read {name}: {first_line(exc)}") from exc
     except _Truncated as exc:
@@ -67,8 +68,26 @@ def gguf_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _parse_gguf_header(data: Any, name: str) -> tuple[list[tuple[str, list[int], int, int]], int]:
-    """(name, dims, type, offset) of each tensor and where tensor data starts; _Truncated if data runs out."""
+def gguf_general(path: Path) -> dict[str, str | int | float]:
+    """The file's scalar `general.*` metadata (`general.license`, `general.base_model.0.repo_url`, ...); {} when
+    the header cannot be read (resolve() has refused such a file already)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as file:
+            if file.read(4) != b"GGUF":
+                return {}
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _parse_gguf_header(data, path.name)[2]
+    except (OSError, ValueError, ConversionError, _Truncated):
+        return {}
+
+
+def _parse_gguf_header(
+    data: Any, name: str
+) -> tuple[list[tuple[str, list[int], int, int]], int, dict[str, str | int | float]]:
+    """(name, dims, type, offset) of each tensor, where tensor data starts, and the scalar `general.*` metadata;
+    _Truncated if data runs out."""
     version = struct.unpack_from("<I", data, 4)[0]
     order = "<" if version & 0xFFFF else ">"  # a big-endian file reads as a huge little-endian version
     version = struct.unpack_from(order + "I", data, 4)[0]
@@ -95,13 +114,12 @@ def _parse_gguf_header(data: Any, name: str) -> tuple[list[tuple[str, list[int],
         return data[pos - length : pos]
 
     def skip(kind: int) -> Any:
-        """Step over one metadata value; scalars are returned (for general.alignment)."""
+        """Step over one metadata value; scalars and strings are returned, arrays are not."""
         nonlocal pos
         if kind in _GGUF_SCALARS:
             return take(_GGUF_SCALARS[kind])
         if kind == _GGUF_STRING:
-            string()
-            return None
+            return bytes(string()).decode("utf-8", "replace")
         if kind != _GGUF_ARRAY:
             raise ConversionError(f"{name} is not a valid GGUF file (unknown metadata type {kind})")
         item, count = take("I"), take("Q")
@@ -117,14 +135,17 @@ def _parse_gguf_header(data: Any, name: str) -> tuple[list[tuple[str, list[int],
 
     n_tensors, n_values = take("Q"), take("Q")
     alignment = 32
+    general: dict[str, str | int | float] = {}
     for _ in range(n_values):
-        key = string()
+        key = bytes(string()).decode("utf-8", "replace")
         value = skip(take("I"))
-        if key == _GGUF_ALIGNMENT_KEY.encode() and isinstance(value, int) and value > 0:
+        if key == _GGUF_ALIGNMENT_KEY and isinstance(value, int) and value > 0:
             alignment = value
+        if key.startswith("general.") and value is not None:
+            general[key] = value
     tensors = []
     for _ in range(n_tensors):
         tensor_name = string().decode("utf-8", "replace")
         dims = [take("Q") for _ in range(take("I"))]
         tensors.append((tensor_name, dims, take("I"), take("Q")))
-    return tensors, -(-pos // alignment) * alignment
+    return tensors, -(-pos // alignment) * alignment, general

@@ -3,6 +3,9 @@ or sample it from the source model when the user gives none.
 
 Calibration windows and evaluation windows never overlap: evaluation uses --eval-data, else the tail of
 the calibration file (calibration windows are spread over the rest of it), else a separately seeded sample.
+
+Every origin and note names a file by its base name (they are written into the output, which may be published);
+`TextSets.files` adds each file's size and sha256, so the report identifies the text without its path.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..errors import ConversionError
 from ..hooks import Hooks
 from ..options import DATASETS_MISSING, check_text_spec
+from ..util.names import public_name, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +33,35 @@ class TokenWindows:
     """Token ids [count, seq_len] and where they came from (for the report)."""
 
     ids: torch.Tensor
-    origin: str
+    origin: str  # a file by its base name, a hub dataset id as it is, or "sampled from the source"
     held_span: tuple[int, int] | None = None  # for a held-out tail: its token range in the file's stream
     held_from: str | None = None  # ... and the file (as given) that stream comes from
 
     @property
     def tokens(self) -> int:
         return int(self.ids.numel())
+
+
+@dataclass(frozen=True)
+class TextFile:
+    """A text file or hub dataset that was read: what the report says of it (the path only on request)."""
+
+    name: str
+    path: str | None  # the resolved local path; None for a hub dataset
+    bytes: int | None
+    sha256: str | None
+
+    def as_dict(self, with_path: bool = False) -> dict[str, object]:
+        facts: dict[str, object] = {"name": self.name, "bytes": self.bytes, "sha256": self.sha256}
+        return {**facts, "path": self.path} if with_path else facts
+
+
+def text_file(spec: str) -> TextFile:
+    """Name, size and sha256 of the text `spec` names (a hub dataset: its id, nothing else)."""
+    path = check_text_spec(spec)
+    if path is None:
+        return TextFile(spec, None, None, None)
+    return TextFile(path.name, str(path.resolve()), path.stat().st_size, sha256_of(path))
 
 
 def read_texts(spec: str, column: str = "text") -> list[str]:
@@ -143,6 +169,7 @@ def split_windows(
     available = windows.shape[0]
     if available == 0:
         raise ConversionError(f"{origin} holds fewer than {seq_len} tokens, not one calibration window")
+    held_from, origin = origin, public_name(origin)
     if want_eval:
         take = min(wanted, max(1, available - max(1, available // 5)) if available > 1 else 1)
     else:
@@ -153,7 +180,7 @@ def split_windows(
     held_out = None
     if held_count:
         span = (pool * seq_len, available * seq_len)
-        held_out = TokenWindows(windows[pool:], f"{origin} (held-out tail)", span, origin)
+        held_out = TokenWindows(windows[pool:], f"{origin} (held-out tail)", span, held_from)
     if take < wanted:
         kept = f"; the remaining {(available - take) * seq_len} are held out for evaluation" if held_out else ""
         warnings.append(
@@ -231,6 +258,7 @@ class TextSets:
     evaluation: TokenWindows | None
     notes: list[str]
     train: TokenWindows | None = None  # fine-tune text, disjoint from the evaluation text
+    files: list[TextFile] = field(default_factory=list)  # every file or dataset read, in the order read
 
 
 def check_lengths(seq_len: int, max_positions: int | None) -> None:
@@ -276,11 +304,13 @@ def text_sets(
         return sample_windows(source.model(), tokenizer, count, length, seed, on_tokens=hooks.on_progress)
 
     streams: dict[str, torch.Tensor] = {}
+    files: list[TextFile] = []
 
     def windows_of(spec: str, length: int) -> torch.Tensor:
         """Read and tokenize each file once, whatever window lengths are cut from it."""
         if spec not in streams:
             streams[spec] = token_stream(read_texts(spec, column), tokenizer)
+            files.append(text_file(spec))
         return cut_windows(streams[spec], length)
 
     notes: list[str] = []
@@ -293,7 +323,7 @@ def text_sets(
         ids = windows_of(eval_data, seq_len)
         if ids.shape[0] == 0:
             raise ConversionError(f"--eval-data {eval_data} holds fewer than {seq_len} tokens")
-        evaluation = TokenWindows(ids[: max(1, eval_tokens // seq_len)], eval_data)
+        evaluation = TokenWindows(ids[: max(1, eval_tokens // seq_len)], public_name(eval_data))
     if train_data and train_tokens > 0 and evaluation is None and not calib_data:
         # the held-out tail of the training text is the evaluation text
         windows = windows_of(train_data, seq_len)
@@ -316,7 +346,7 @@ def text_sets(
         if sampled:  # the file's windows that stay are still spread over it; the held-out tail is unchanged
             more = sample(sampled, "calibration text (--calib-sampled)", seed)
             kept = calib.ids[spread(take - sampled, take)]
-            calib = TokenWindows(torch.cat([kept, more]), f"{calib_data} and text sampled from the source")
+            calib = TokenWindows(torch.cat([kept, more]), f"{public_name(calib_data)} and text sampled from the source")
             notes.append(f"{more.numel()} of the {calib.tokens} calibration tokens are sampled from the source")
         if evaluation is None and held_out is not None:
             evaluation = _first_tokens(held_out, eval_tokens, seq_len)
@@ -345,7 +375,7 @@ def text_sets(
             seed,
             notes,
         )
-    return TextSets(calib=calib, evaluation=evaluation, notes=notes, train=train)
+    return TextSets(calib=calib, evaluation=evaluation, notes=notes, train=train, files=files)
 
 
 def _first_tokens(held_out: TokenWindows, tokens: int, seq_len: int) -> TokenWindows:
@@ -379,10 +409,10 @@ def _train_windows(
             raise ConversionError(f"--train-data {data} holds fewer than {seq_len} tokens outside the held-out text")
         if windows.shape[0] < count:
             notes.append(
-                f"{data} gave {windows.shape[0] * seq_len} fine-tune tokens, fewer than the "
+                f"{public_name(data)} gave {windows.shape[0] * seq_len} fine-tune tokens, fewer than the "
                 f"{count * seq_len} asked for; the fine-tune repeats them"
             )
-        return TokenWindows(windows[:count], data)
+        return TokenWindows(windows[:count], public_name(data))
     if calib is not None and calib.ids.shape[1] == seq_len and calib.origin == "sampled from the source":
         # Reuse the calibration sample, and sample more rather than repeat it: on 32 sampled windows, 40
         # steps of 4 (five passes) made SmolLM2 at budget 0.25 worse than before training (KL 0.91 -> 0.96).

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConversionError
+from ..util import signals
 
 PREFIX = "step-"
 KEEP = 2
@@ -53,12 +54,14 @@ def save(
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(params, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
-        meta = {"step": step, "settings": settings.fingerprint(), "losses": losses, "lrs": lrs}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.rename(final)
+        with signals.partial(lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(params, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+            meta = {"step": step, "settings": settings.fingerprint(), "losses": losses, "lrs": lrs}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            with signals.committing():
+                tmp.rename(final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         why = "no space left on the device" if exc.errno == 28 else str(exc)

@@ -1,7 +1,8 @@
 """Write the output checkpoint atomically: safetensors shards + index, config, tokenizer, card, report.
 
 Everything goes into a temporary directory beside MODEL_OUT and is renamed into place only when
-complete, so an interrupted or failed run never leaves something that looks like a finished model.
+complete, so an interrupted or failed run never leaves something that looks like a finished model; a run
+that a signal ends inside a long native call removes it too (util/signals.py runs the cleanup registered here).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import ConversionError
+from ..util import signals
 from ..util.safetensors_io import ShardFile
 
 TMP_PREFIX = ".mla-convert-tmp-"
@@ -223,24 +225,26 @@ def atomic_output(model_out: Path, force: bool) -> Iterator[Path]:
     final_tmp = tmp.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
     os.replace(tmp, final_tmp)
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if previous is signal.SIG_DFL:  # an API caller's process: SIGTERM cleans up like Ctrl-C while writing
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        yield final_tmp
-        _default_permissions(final_tmp)
-        if out.exists():
-            if not force:
-                raise ConversionError(f"{model_out} appeared while converting; pass --force to replace it")
+        with signals.partial(lambda: shutil.rmtree(final_tmp, ignore_errors=True)):
+            yield final_tmp
+            _default_permissions(final_tmp)
             old = out.with_name(f"{TMP_PREFIX}{out.name}-old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(final_tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(final_tmp, out)
+            with signals.committing():
+                if out.exists():
+                    if not force:
+                        raise ConversionError(f"{model_out} appeared while converting; pass --force to replace it")
+                    os.replace(out, old)
+                os.replace(final_tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(final_tmp, ignore_errors=True)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _default_permissions(directory: Path) -> None:
