@@ -162,6 +162,7 @@ def transformers_reference(model_dir: Path, prompts: list[list[int]], max_tokens
             result["prompt_logprobs"].append(logp[:-1].gather(-1, x[0, 1:, None])[:, 0].tolist())
             gen = model.generate(
                 x,
+                attention_mask=torch.ones_like(x),  # else generate masks every token equal to pad_token_id
                 max_new_tokens=max_tokens,
                 min_new_tokens=max_tokens,
                 do_sample=False,
