@@ -16,7 +16,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 from ..plan.plan import Plan
 from ..source.checkpoint import Source
 from ..source.layers import SourceLayers
-from .driver import LayerStats, fit_expert_scale, needs_expert_scale
+from .driver import LayerStats, fit_expert_scale, is_moe_layer, needs_expert_scale
 from .layer_fit import (
     attention_error,
     batched,
@@ -70,8 +70,9 @@ class SequentialCalibrator:
         x = self._x
         assert x is not None
         src_layer = self.source.layer(index)
+        moe = is_moe_layer(self.plan.geometry, index)
         runtime = dict(tensors)
-        if isinstance(getattr(src_layer.mlp, "experts", None), torch.nn.Module):
+        if moe:
             runtime.update(converted_experts(src_layer, index, self.lam))
         layer = build_layer(self.config, index, runtime, x.device)
         src_attn = src_layer.self_attn
@@ -91,12 +92,13 @@ class SequentialCalibrator:
                 if prefix + name in tensors:
                     tensors[prefix + name] = tensor.detach().clone()
         stats.attn_output_error = attention_error(layer.self_attn, x, ref, self.ds_pos)
-        if isinstance(getattr(layer.mlp, "experts", None), torch.nn.Module):
+        if moe:
+            z = batched(lambda t: mlp_input(layer, t, self.ds_pos), self.h)  # the MoE block's inputs
             if needs_expert_scale(self.plan, index):
-                gate = layer.mlp.gate.weight
-                fit_expert_scale(self.plan, stats, batched(lambda t: mlp_input(layer, t, self.ds_pos) @ gate.T, self.h))
+                fit_expert_scale(self.plan, stats, z @ layer.mlp.gate.weight.T)
                 layer.mlp.experts.down_proj.mul_(stats.expert_scale)  # as the driver will write them
-            stats.moe_output_error = moe_error(layer, src_layer, self.h, self.ds_pos, self.lam * self.source.residual)
+            ref_moe = batched(src_layer.mlp, z) * (self.lam * self.source.residual)
+            stats.moe_output_error = relative(batched(layer.mlp, z), ref_moe)  # what the routing weights cost
         self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
         self.source.release(index)
         self._x = None
@@ -106,14 +108,6 @@ def mlp_input(layer: Any, h: torch.Tensor, pos: Any) -> torch.Tensor:
     """What a converted layer's MLP sees for residual stream h: the stream after attention, normalized."""
     out = h + layer.self_attn(layer.input_layernorm(h), pos, None)[0]
     return layer.post_attention_layernorm(out)
-
-
-@torch.no_grad()
-def moe_error(layer: Any, src_layer: Any, h: torch.Tensor, pos: Any, scale: float) -> float:
-    """Relative error of the converted MoE block's output against the source's, on the same inputs (the
-    stream after the converted attention): what the target's routing weights cost, nothing else."""
-    z = batched(lambda t: mlp_input(layer, t, pos), h)
-    return relative(batched(layer.mlp, z), batched(src_layer.mlp, z) * scale)
 
 
 def refit_output_projection(

@@ -71,8 +71,7 @@ def build_layer(
         if isinstance(layer.mlp, DeepseekV3MoE) and getattr(config, "scoring_func", None) == "softmax":
             keys = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
             layer.mlp = DeepseekV2Moe(DeepseekV2Config(**keys))
-    prefix = f"model.layers.{index}."
-    return materialise(layer, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, str(device))
+    return _filled(layer, f"model.layers.{index}.", tensors, device)
 
 
 def converted_experts(source_layer: Any, index: int, scale: float) -> dict[str, torch.Tensor]:
@@ -95,5 +94,10 @@ def _built(kind: Any, config: DeepseekV3Config, index: int, prefix: str, tensors
     """A converted module made on the meta device (no initialisation) and filled from its tensors on device."""
     with torch.device("meta"):
         module = kind(config, index)
+    return _filled(module, prefix, tensors, device)
+
+
+def _filled(module: Any, prefix: str, tensors: dict, device: Any) -> Any:
+    """A meta-device module given storage on device and filled from the tensors under prefix."""
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     return materialise(module, state, str(device))

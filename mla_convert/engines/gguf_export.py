@@ -11,7 +11,8 @@ natively, and q8_0 keeps that one tensor, and the norms, in float32.
 
 A MoE checkpoint's experts are stacked per layer into llama.cpp's `ffn_{gate,up,down}_exps`, with its
 routing written out (gating function, renormalization, one expert group, so `n_expert_groups < n_expert`
-holds) and the shared expert (ours is zeros: the sources have none, and every engine needs one).
+holds) and the shared expert (ours is zeros: the sources have none, and every engine needs one). MoE
+checkpoints are DeepSeek-V2 (softmax, never renormalized), the only MoE form mla-convert writes.
 
 The GGUF is the MLA-absorbed layout llama.cpp runs: `kv_b_proj` is split into per-head `attn_k_b`
 (transposed) and `attn_v_b`, and attention runs as MQA over the latent (head_count_kv 1).
@@ -72,8 +73,6 @@ class Experts:
     width: int
     dense_layers: int
     shared: int  # shared experts (n_shared_experts)
-    sigmoid: bool  # DeepSeek-V3's gating; else DeepSeek-V2's softmax
-    renormalize: bool
     scale: float  # routed_scaling_factor
 
 
@@ -132,15 +131,12 @@ def _experts(config: dict[str, Any]) -> Experts | None:
     layers, dense = int(config["num_hidden_layers"]), int(config.get("first_k_dense_replace", 0))
     if dense >= layers:
         return None
-    v3 = config["model_type"] == "deepseek_v3"
     return Experts(
         count=int(config["n_routed_experts"]),
         used=int(config["num_experts_per_tok"]),
         width=int(config["moe_intermediate_size"]),
         dense_layers=dense,
         shared=int(config.get("n_shared_experts") or 0),
-        sigmoid=v3,  # transformers' DeepSeek-V3 always scores with a sigmoid, V2 with a softmax
-        renormalize=bool(config.get("norm_topk_prob", False)) and v3,  # transformers' V2 never renormalizes
         scale=float(config.get("routed_scaling_factor", 1.0)),
     )
 
@@ -155,6 +151,8 @@ def _check_architecture(config: dict[str, Any]) -> None:
     moe = int(config.get("first_k_dense_replace", 0)) < int(config["num_hidden_layers"])
     if moe and int(config.get("n_shared_experts") or 0) < 1:
         refuse.append("its MoE layers have no shared expert, which llama.cpp's deepseek2 loader requires")
+    if moe and config.get("model_type") != "deepseek_v2":
+        refuse.append("its MoE layers route as DeepSeek-V3 (sigmoid); mla-convert writes MoE sources as DeepSeek-V2")
     if moe and int(config.get("n_group") or 1) != 1:
         refuse.append("it routes by expert groups")
     if not config.get("rope_interleave", False):
@@ -256,10 +254,7 @@ def plan_tensors(weights: Weights, geo: Geometry, quant: str) -> list[Planned]:
         ]
         for kind, src, part, shape in layer:
             name = gguf.TENSOR_NAMES[kind].format(bid=i)
-            if kind == t.FFN_EXP_PROBS_B:
-                planned.append(Planned(f"{name}.bias", f"{pre}{src}", part, shape, "f32"))
-            else:
-                planned.append(_planned(name, f"{pre}{src}.weight", part, shape, quant))
+            planned.append(_planned(name, f"{pre}{src}.weight", part, shape, quant))
     _check_sources(planned, weights, geo)
     return planned
 
@@ -274,14 +269,12 @@ def _dense_tensors(geo: Geometry) -> list[tuple[Any, str, str, tuple[int, ...]]]
 
 
 def _expert_tensors(geo: Geometry) -> list[tuple[Any, str, str, tuple[int, ...]]]:
-    """A MoE layer: the router, its selection bias (DeepSeek-V3), the stacked experts, the shared expert."""
+    """A MoE layer (DeepSeek-V2): the router, the stacked experts, the shared expert."""
     t, h, e = _gguf().MODEL_TENSOR, geo.hidden, geo.experts
     assert e is not None
     shared = e.width * e.shared
-    out = [(t.FFN_GATE_INP, "mlp.gate", "all", (e.count, h))]
-    if e.sigmoid:
-        out.append((t.FFN_EXP_PROBS_B, "mlp.gate.e_score_correction_bias", "all", (e.count,)))
-    out += [
+    return [
+        (t.FFN_GATE_INP, "mlp.gate", "all", (e.count, h)),
         (t.FFN_GATE_EXP, "mlp.experts", "stack:gate_proj", (e.count, e.width, h)),
         (t.FFN_UP_EXP, "mlp.experts", "stack:up_proj", (e.count, e.width, h)),
         (t.FFN_DOWN_EXP, "mlp.experts", "stack:down_proj", (e.count, h, e.width)),
@@ -289,7 +282,6 @@ def _expert_tensors(geo: Geometry) -> list[tuple[Any, str, str, tuple[int, ...]]
         (t.FFN_UP_SHEXP, "mlp.shared_experts.up_proj", "all", (shared, h)),
         (t.FFN_DOWN_SHEXP, "mlp.shared_experts.down_proj", "all", (h, shared)),
     ]
-    return out
 
 
 def _members(p: Planned, count: int) -> list[str]:
@@ -732,8 +724,8 @@ def _add_expert_hparams(writer: Any, geo: Geometry) -> None:
     writer.add_expert_used_count(e.used)
     writer.add_expert_shared_count(e.shared)
     writer.add_expert_weights_scale(e.scale)
-    writer.add_expert_weights_norm(e.renormalize)
-    writer.add_expert_gating_func(gating.SIGMOID if e.sigmoid else gating.SOFTMAX)
+    writer.add_expert_weights_norm(False)  # DeepSeek-V2 never renormalizes its top k
+    writer.add_expert_gating_func(gating.SOFTMAX)
     writer.add_expert_group_count(1)
     writer.add_expert_group_used_count(1)
 
