@@ -84,11 +84,12 @@ def convert(source: Path) -> Path:
     return target
 
 
-def llama_gguf(source: Path) -> Path:
-    """The source as a Llama GGUF in bfloat16 (llama.cpp's own layout: q/k rows permuted to its rope pairs)."""
+def llama_gguf(source: Path, quant: str = "bf16", target: Path | None = None) -> Path:
+    """The source as a Llama GGUF (bf16, f32 or q8_0 matrices; llama.cpp's own layout: q/k rows permuted to
+    its rope pairs), beside the source unless `target` is given."""
     import gguf
 
-    target = source / "source-bf16.gguf"
+    target = target or source / f"source-{quant}.gguf"
     if target.is_file():
         return target
     from safetensors.torch import load_file
@@ -117,13 +118,14 @@ def llama_gguf(source: Path) -> Path:
     names = {"self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"}
     names |= {"mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
-    def add(name: str, t: torch.Tensor) -> None:  # norms in float32, matrices in bfloat16
+    kind = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(quant)
+
+    def add(name: str, t: torch.Tensor) -> None:  # norms in float32, matrices in `quant`
         data = t.float().numpy()
-        if t.ndim == 1:
+        if t.ndim == 1 or kind is None:
             writer.add_tensor(name, data)
         else:
-            bf16 = gguf.GGMLQuantizationType.BF16
-            writer.add_tensor(name, gguf.quants.quantize(data, bf16), raw_dtype=bf16)
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
 
     add("token_embd.weight", tensors["model.embed_tokens.weight"])
     add("output_norm.weight", tensors["model.norm.weight"])
