@@ -26,7 +26,7 @@ from .evaluate.verify import load_converted, verify
 from .hooks import Hooks
 from .options import Options, TrainSettings, check_options, check_settings, finetune_defaults, max_shard_bytes
 from .plan.plan import Plan, geometry_of, make_plan, resolve_dtype
-from .plan.preview import describe, finetune_line, finetune_summary
+from .plan.preview import CARD_MEMORY, describe, finetune_line, finetune_summary, long_context
 from .plan.serving import REFUSES, Verdict, verdicts
 from .plan.target_config import deepseek_config
 from .report import plots
@@ -284,6 +284,7 @@ def _convert_stage(
             engines=[v.as_dict() for v in found],
             texts=[f.as_dict(options.report_paths) for f in texts.files] if texts is not None else [],
             report_paths=options.report_paths,
+            long_context=long_context(plan, source.parameter_count(), options.memory or CARD_MEMORY),
         )
         if options.gguf and not training:
             hooks.on_stage(f"writing the {options.gguf} GGUF for llama.cpp")

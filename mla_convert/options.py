@@ -192,6 +192,12 @@ class Options:
         choices=GGUF_TYPES,
     )
     max_shard_size: str | int = flag("5GB", "Largest output shard, e.g. 5GB, 500MB (or bytes).", OUTPUT)
+    memory: str | None = flag(
+        None,
+        "Memory to plan contexts for, e.g. 24GiB: the dry run and the card give the longest context that fits "
+        "in it, source and conversion (default: this machine's memory).",
+        OUTPUT,
+    )
     force: bool = flag(False, "Replace MODEL_OUT if it exists.", OUTPUT)
     report_paths: bool = flag(
         False,
@@ -220,6 +226,11 @@ class Options:
 
 def max_shard_bytes(size: str | int) -> int:
     """--max-shard-size as bytes: an int, or text like 5GB, 500MB, 2GiB."""
+    return size_bytes(size, "--max-shard-size")
+
+
+def size_bytes(size: str | int, flag_name: str) -> int:
+    """A size flag as bytes: an int, or text like 5GB, 500MB, 2GiB (one clear line when it cannot be read)."""
     if isinstance(size, int):
         value = size
     else:
@@ -230,9 +241,9 @@ def max_shard_bytes(size: str | int) -> int:
         try:
             value = int(float(number) * units[unit])
         except ValueError:
-            raise ConversionError(f"--max-shard-size: cannot read size '{size}' (examples: 5GB, 500MB)") from None
+            raise ConversionError(f"{flag_name}: cannot read size '{size}' (examples: 5GB, 500MB, 24GiB)") from None
     if value <= 0:
-        raise ConversionError(f"--max-shard-size must be positive, got {size}")
+        raise ConversionError(f"{flag_name} must be positive, got {size}")
     return value
 
 
@@ -265,6 +276,8 @@ def check_options(options: Options) -> None:
             "--gguf needs --target portable: llama.cpp computes the portable profile only; drop --target transformers"
         )
     max_shard_bytes(options.max_shard_size)
+    if options.memory is not None:
+        size_bytes(options.memory, "--memory")
     for name in ("calib_tokens", "eval_tokens", "train_tokens"):
         if getattr(options, name) <= 0:
             raise ConversionError(f"--{name.replace('_', '-')} must be positive, got {getattr(options, name)}")

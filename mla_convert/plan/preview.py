@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..options import Options, TrainSettings
+from ..options import Options, TrainSettings, size_bytes
 from ..util import resources
 from ..util.units import human_bytes
+from . import capacity, measured_speed
 from .plan import Plan
 from .serving import Verdict
 
 CONTEXTS = (8 * 1024, 128 * 1024, 256 * 1024)
+CARD_MEMORY = "24GiB"  # the report and card plan for --memory, else this size (not the converting machine's)
 # Measured (docs/results.md, the README's quick start): SmolLM2-135M fine-tuned at 165 tokens/s on 2 CPU
 # cores with the CPU defaults, teacher and student forward plus the student's backward (an earlier run on
 # a busier machine of the same kind measured 80). Scaled by parameters and cores: a rough guide only.
@@ -73,6 +75,7 @@ def describe(
             },
             "ratio": plan.kv_elements / geo.kv_elements,
         },
+        "long_context": long_context(plan, parameters, options.memory),
         "engines": [v.as_dict() for v in verdicts],
         "parameters": parameters,
         "memory_bytes": resources.float32_models_bytes(parameters, models) if models else 0,
@@ -81,6 +84,63 @@ def describe(
         "samples_text": samples,
         "warnings": list(plan.warnings),
     }
+
+
+def long_context(plan: Plan, parameters: int, memory: str | None) -> dict[str, Any] | None:
+    """The longest context that fits in `memory` (else this machine's), source and conversion, and the
+    measured decode speed ratio nearest this conversion; None when the memory or parameters are unknown."""
+    memory_bytes = size_bytes(memory, "--memory") if memory is not None else resources.total_memory_bytes()
+    if not memory_bytes or parameters <= 0:
+        return None
+    geo, width = plan.geometry, plan.dtype.itemsize
+    source = capacity.longest_context(memory_bytes, parameters, geo.kv_elements * width * geo.layers, width)
+    converted = capacity.longest_context(
+        memory_bytes, capacity.converted_parameters(plan, parameters), plan.kv_elements * width * geo.layers, width
+    )
+    out: dict[str, Any] = {
+        "memory_bytes": memory_bytes,
+        "memory_given": memory is not None,
+        "source": vars(source),
+        "converted": vars(converted),
+        "measured_speed": None,
+    }
+    work = measured_speed.attention_work(geo.heads, geo.kv_heads, geo.head_dim, plan.latent_width, plan.rope_dim)
+    work_ratio = work / measured_speed.attention_work(geo.heads, geo.kv_heads, geo.head_dim)
+    nearest = measured_speed.nearest(plan.kv_elements / geo.kv_elements, work_ratio)
+    if nearest is not None:
+        context, ratio, best = measured_speed.at_context(nearest, min(source.tokens, converted.tokens) or 1)
+        out["measured_speed"] = {
+            "model": nearest.model,
+            "context": context,
+            "speed_ratio": ratio,
+            "best_ratio": best,
+            "measured_on": measured_speed.MEASURED_ON,
+            "work_ratio": work_ratio,
+        }
+    return out
+
+
+def long_context_lines(lc: dict[str, Any] | None) -> list[str]:
+    """The dry run's lines on the longest context that fits and the measured speed ratio."""
+    if lc is None:
+        return ["longest context: unknown (this machine's memory or the parameter count could not be read)"]
+    where = "given" if lc["memory_given"] else "this machine's memory; --memory SIZE plans for another"
+    src, conv = lc["source"], lc["converted"]
+    lines = [
+        f"longest context in {human_bytes(lc['memory_bytes'])} ({where}): source {src['tokens']:,} tokens, "
+        f"converted {conv['tokens']:,} (weights {human_bytes(src['weights_bytes'])} / "
+        f"{human_bytes(conv['weights_bytes'])} and one sequence's cache only: an upper bound, the engine's own "
+        "buffers come on top)"
+    ]
+    speed = lc["measured_speed"]
+    if speed is not None:
+        lines.append(
+            f"  decode speed, converted / source, at {speed['context'] // 1024}K tokens (the measured context nearest "
+            f"the shorter of the two): {speed['speed_ratio']:.2f}x with flash attention on for both (llama.cpp's "
+            f"default), {speed['best_ratio']:.2f}x against the source at its fastest (flash attention off); "
+            f"measured on CPU ({speed['measured_on']}) for {speed['model']}; other models and machines differ"
+        )
+    return lines
 
 
 def finetune_line(finetune: dict[str, Any] | None, device: str) -> str:
@@ -123,6 +183,7 @@ def preview_lines(d: dict[str, Any], device: str) -> list[str]:
             f"  one {int(n) // 1024}K-token sequence: "
             f"{human_bytes(sizes['source'])} -> {human_bytes(sizes['converted'])}"
         )
+    lines += long_context_lines(d["long_context"])
     for e in d["engines"]:
         lines.append(f"engine {e['engine']}: {e['status']} — {e['detail']}")
     have = d["memory_available_bytes"]

@@ -203,6 +203,7 @@ def conversion_section(r: dict[str, Any]) -> str:
         f"{kv['converted_elements_per_token_per_layer']} elements (ratio {kv['ratio']:.3f}); "
         f"{human_bytes(kv['original_bytes_per_token'])} -> {human_bytes(kv['converted_bytes_per_token'])} per token "
         "over all layers",
+        *long_context_lines(r.get("long_context")),
         f"- Key reconstruction error (relative Frobenius): mean {summary['k_rel_error_mean']:.2e}, "
         f"worst {summary['k_rel_error_max']:.2e}",
         f"- Value reconstruction error: mean {summary['v_rel_error_mean']:.2e}, worst {summary['v_rel_error_max']:.2e}",
@@ -257,6 +258,27 @@ def conversion_section(r: dict[str, Any]) -> str:
 def _latent(settings: dict[str, Any]) -> str:
     width, real = settings["kv_lora_rank"], settings.get("latent_rank", settings["kv_lora_rank"])
     return str(width) if real >= width else f"{width} ({real} real components, {width - real} zero for the engine)"
+
+
+def long_context_lines(lc: dict[str, Any] | None) -> list[str]:
+    """The longest context that fits, and the measured CPU decode speed ratio nearest this conversion."""
+    if not lc:
+        return []
+    src, conv = lc["source"], lc["converted"]
+    lines = [
+        f"- Longest single-sequence context in {human_bytes(lc['memory_bytes'])} (weights and cache at "
+        f"the output dtype only, an upper bound: the engine's buffers come on top): source {src['tokens']:,} tokens, "
+        f"this model {conv['tokens']:,}"
+    ]
+    speed = lc.get("measured_speed")
+    if speed:
+        lines.append(
+            f"- Decode speed against the source at {speed['context'] // 1024}K tokens in llama.cpp, measured on CPU "
+            f"for {speed['model']} (not for this model; {speed['measured_on']}): {speed['speed_ratio']:.2f}x with "
+            f"flash attention on for both, {speed['best_ratio']:.2f}x against the source at its fastest (flash "
+            "attention off)"
+        )
+    return lines
 
 
 def finetune_section(r: dict[str, Any]) -> str:
@@ -347,6 +369,15 @@ def serving_section(r: dict[str, Any], name: str) -> str:
             f"`llama-cli -m {PurePath(gguf['file']).name}`; "
             "no `--override-kv` needed. Its default float16 KV cache rounds the cached latent as any float16 "
             "cache does; `-ctk f32` computes what transformers computes (tested with a float32 GGUF).",
+            "",
+            "Fastest decoding: flash attention on (`-fa on`; llama.cpp's own tools default to `auto`, which is on "
+            "for the CPU, but llama-cpp-python's `Llama(...)` needs `flash_attn=True`). Without it llama.cpp "
+            "copies the whole cached latent, transposed, at every step: on CPU this measured 1.1x to 3.9x slower "
+            "from a 32K context on. Keep the f16 cache (f32, bf16 and q8_0 caches measured slower for MLA on "
+            "CPU); q8_0 weights decode faster at short contexts, where their rounding is acceptable. On CPU "
+            "the source at its own best setting (flash attention off) measured faster than its conversion at "
+            "most lengths up to 256K; "
+            'mla-convert\'s docs/results.md, "Long context", has the measurements.',
         ]
     lines += ["", QUANTIZATION_NOTE]
     return "\n".join(lines) + "\n"

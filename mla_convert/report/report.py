@@ -94,6 +94,7 @@ class Report:
     source_facts: dict[str, Any] = field(default_factory=dict)  # name, hub_id, license (see source_facts)
     texts: list[dict[str, Any]] = field(default_factory=list)  # the text files read (source/text.py TextFile)
     report_paths: bool = False  # --report-paths: full local paths in the report (never in the card)
+    long_context: dict[str, Any] | None = None  # plan/preview.long_context: what fits in --memory (card: 24 GiB)
 
     @property
     def calibrated(self) -> bool:
@@ -169,6 +170,7 @@ class Report:
             },
             "texts": self.texts,
             "kv_cache": self.kv_cache(),
+            "long_context": self.long_context,
             "engines": self.engines,
             "gguf": self.gguf,
             "layers": [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import resource
 import sys
 import time
@@ -34,6 +35,14 @@ def available_memory_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def total_memory_bytes() -> int | None:
+    """This machine's physical memory; None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def fits(needed_bytes: int, share: float = 0.9) -> bool:
