@@ -5,6 +5,7 @@ decide it, and the longest context each fits in a fixed memory (issue 21).
     python bench/long_context.py curve       # llama.cpp decode tok/s at 2K .. 256K, fastest settings
     python bench/long_context.py capacity    # largest n_ctx in --memory-gib; the 256K run
     python bench/long_context.py vllm        # vLLM: max_model_len in a fixed KV space; prefill cost
+    python bench/long_context.py vllm-batch  # vLLM: the 3B source's prefill, 1 sequence against 8, 1 and 4 GiB
     python bench/long_context.py plot        # docs/long_context.png from the curve
     python bench/long_context.py tables      # the markdown tables of docs/results.md
 
@@ -35,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import serve
 from assets import CACHE, smollm2_dir
+from machine import machine
 
 from mla_convert.engines import runtime
 
@@ -347,6 +349,30 @@ def vllm(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def vllm_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM-CPU prefill of the 3B source at one context, one sequence against `--batches`, in each KV space
+    of `--kv-cache-gib`: does either explain why bench/serve.py's batch-8 prefill (4 GiB) was so much
+    faster per prompt than `vllm`'s batch 1 (1 GiB)?"""
+    source, _ = three_b()
+    cases = [{"batch": b, "context": args.context, "new_tokens": 4} for b in args.batches]
+    run = {"model": str(source), "prompts": [], "max_tokens": 1, "dtype": "bfloat16", "throughput": cases,
+           "max_model_len": args.context + 16, "max_num_batched_tokens": args.prefill_chunk}  # fmt: skip
+    started = time.monotonic()
+    rows = []
+    for gib in args.kv_cache_gib:
+        (result,) = runtime.run_probe(runtime.VLLM, [run], timeout=3 * 3600, kv_cache_gib=gib)
+        if "error" in result:
+            raise SystemExit(f"vLLM refused the source: {result['error']}")
+        for c in result["throughput"]:
+            rows.append(
+                {"kv_cache_gib": gib}
+                | {k: c[k] for k in ("batch", "context", "prefill_seconds", "cached_prefill_seconds")}
+                | {"prefill_seconds_per_sequence": c["prefill_seconds"] / c["batch"]}
+            )
+            print(rows[-1], flush=True)
+    return {"model": source.name, "rows": rows, "seconds": time.monotonic() - started}
+
+
 def _vllm_brief(spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     keep = ("error", "kv_cache_tokens", "attention_backend", "greedy")
     return {"model": Path(spec["model"]).name, "max_model_len": spec["max_model_len"]} | {
@@ -506,19 +532,26 @@ def main() -> None:
     v.add_argument("--long-context", type=int, default=256 * K)
     v.add_argument("--prefill-contexts", type=int, nargs="+", default=[2 * K, 8 * K])
     v.add_argument("--prefill-chunk", type=int, default=1024)
+    b = sub.add_parser("vllm-batch")
+    b.add_argument("--context", type=int, default=2 * K)
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    b.add_argument("--kv-cache-gib", type=int, nargs="+", default=[1, 4])
+    b.add_argument("--prefill-chunk", type=int, default=1024)
     sub.add_parser("plot")
     sub.add_parser("tables")
     args = parser.parse_args()
     if args.command in ("plot", "tables"):
         {"plot": plot, "tables": tables}[args.command](args)
         return
-    result = {"profile": profile, "curve": curve, "capacity": capacity, "vllm": vllm}[args.command](args)
+    commands = {"profile": profile, "curve": curve, "capacity": capacity, "vllm": vllm, "vllm-batch": vllm_batch}
+    result = commands[args.command](args)
     everything = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.command == "profile" and args.only and "profile" in everything:  # add these settings' rows
         for name, rows in result["pairs"].items():
             everything["profile"]["pairs"].setdefault(name, {}).update(rows)
     else:
-        everything[args.command] = {"settings": {k: v for k, v in vars(args).items() if k != "command"}, **result}
+        settings = {k: v for k, v in vars(args).items() if k != "command"}
+        everything[args.command] = {"settings": settings, "machine": machine(), **result}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(everything, indent=1) + "\n")
 

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from assets import CACHE, smollm2_dir, smollm2_gguf
+from machine import machine
 
 from mla_convert.engines import runtime
 
@@ -224,6 +225,7 @@ def main() -> None:
     report = json.loads((converted / "mla_report.json").read_text())
     results: dict[str, Any] = {
         "settings": vars(args),
+        "machine": machine(),
         "shape": {**SHAPE, "layers": args.layers},
         "elements": {
             "source": report["kv_cache"]["original_elements_per_token_per_layer"],
