@@ -27,11 +27,11 @@ class Measured:
     best_ratio: dict[int, float]  # the same, each with flash attention on or off, whichever is faster
 
 
-def attention_work(heads: int, kv_heads: int, head_dim: int, latent: int | None = None, rope: int = 0) -> int:
+def attention_work(heads: int, head_dim: int, latent: int | None = None, rope: int = 0) -> int:
     """Multiply-adds per cached token and layer in one decode step: a GQA source's heads each dot a key
     and weight a value (2 x head_dim); absorbed MLA's heads each dot the latent and rotary key and weight
-    the latent (2 x latent + rope). kv_heads does not enter: it changes the bytes read, not the work."""
-    del kv_heads
+    the latent (2 x latent + rope). The KV head count does not enter: it changes the bytes read, not the
+    work."""
     return heads * (2 * head_dim if latent is None else 2 * latent + rope)
 
 

@@ -104,6 +104,11 @@ class Plan:
         """Cache elements per token per layer as the engines hold them (padding included)."""
         return self.latent_width + self.rope_dim
 
+    def kv_bytes_per_token(self) -> tuple[int, int]:
+        """KV cache bytes per token over all layers at the output dtype, (source, converted)."""
+        per_layer = self.dtype.itemsize * self.geometry.layers
+        return self.geometry.kv_elements * per_layer, self.kv_elements * per_layer
+
     @property
     def nope_dim(self) -> int:
         return self.geometry.head_dim

@@ -53,9 +53,7 @@ def describe(
 ) -> dict[str, Any]:
     """The preview as data (the API's `plan()` returns it; the CLI prints `preview_lines` of it)."""
     geo = plan.geometry
-    width = plan.dtype.itemsize
-    source_bytes = geo.kv_elements * width * geo.layers
-    converted_bytes = plan.kv_elements * width * geo.layers
+    source_bytes, converted_bytes = plan.kv_bytes_per_token()
     samples = options.method == "activation" and plan.compressed and not options.calib_data
     models = 2 if trains else 1 if samples or options.validate or options.verify else 0
     return {
@@ -93,10 +91,10 @@ def long_context(plan: Plan, parameters: int, memory: str | None) -> dict[str, A
     if not memory_bytes or parameters <= 0:
         return None
     geo, width = plan.geometry, plan.dtype.itemsize
-    source = capacity.longest_context(memory_bytes, parameters, geo.kv_elements * width * geo.layers, width)
-    converted = capacity.longest_context(
-        memory_bytes, capacity.converted_parameters(plan, parameters), plan.kv_elements * width * geo.layers, width
-    )
+    source_kv, converted_kv = plan.kv_bytes_per_token()
+    source = capacity.longest_context(memory_bytes, parameters, source_kv, width)
+    converted_parameters = capacity.converted_parameters(plan, parameters)
+    converted = capacity.longest_context(memory_bytes, converted_parameters, converted_kv, width)
     out: dict[str, Any] = {
         "memory_bytes": memory_bytes,
         "memory_given": memory is not None,
@@ -104,8 +102,8 @@ def long_context(plan: Plan, parameters: int, memory: str | None) -> dict[str, A
         "converted": vars(converted),
         "measured_speed": None,
     }
-    work = measured_speed.attention_work(geo.heads, geo.kv_heads, geo.head_dim, plan.latent_width, plan.rope_dim)
-    work_ratio = work / measured_speed.attention_work(geo.heads, geo.kv_heads, geo.head_dim)
+    work = measured_speed.attention_work(geo.heads, geo.head_dim, plan.latent_width, plan.rope_dim)
+    work_ratio = work / measured_speed.attention_work(geo.heads, geo.head_dim)
     nearest = measured_speed.nearest(plan.kv_elements / geo.kv_elements, work_ratio)
     if nearest is not None:
         context, ratio, best = measured_speed.at_context(nearest, min(source.tokens, converted.tokens) or 1)

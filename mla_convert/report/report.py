@@ -101,16 +101,15 @@ class Report:
         return any(layer.attn_output_error is not None for layer in self.layers)
 
     def kv_cache(self) -> dict[str, Any]:
-        geo = self.plan.geometry
-        width = {"float32": 4, "bfloat16": 2, "float16": 2}[DTYPE_NAMES[self.plan.dtype]]
-        before, after = geo.kv_elements, self.plan.kv_elements
+        before, after = self.plan.geometry.kv_elements, self.plan.kv_elements
+        original_bytes, converted_bytes = self.plan.kv_bytes_per_token()
         return {
             "original_elements_per_token_per_layer": before,
             "converted_elements_per_token_per_layer": after,
             "ratio": after / before,
-            "dtype_bytes": width,
-            "original_bytes_per_token": before * width * geo.layers,
-            "converted_bytes_per_token": after * width * geo.layers,
+            "dtype_bytes": self.plan.dtype.itemsize,
+            "original_bytes_per_token": original_bytes,
+            "converted_bytes_per_token": converted_bytes,
         }
 
     def summary(self) -> dict[str, float]:

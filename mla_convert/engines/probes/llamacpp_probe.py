@@ -241,10 +241,10 @@ def _write_tiled(source: str, target: str, context: int) -> None:
         out.write(data[at : at + 8])
         at += 8
         for _ in range(n_layer):  # K rows, one cell per row
-            at = _tile_rows(data, at, cells, context, reps, out, header=12)
+            at = _tile_rows(data, at, cells, context, reps, out)
         while at < len(data):  # V (absent for MLA's latent-only cache)
             if not v_trans:
-                at = _tile_rows(data, at, cells, context, reps, out, header=12)
+                at = _tile_rows(data, at, cells, context, reps, out)
                 continue
             el, width = (int(x) for x in np.frombuffer(data[at + 4 : at + 12], dtype=np.uint32))
             out.write(data[at : at + 12])
@@ -255,13 +255,13 @@ def _write_tiled(source: str, target: str, context: int) -> None:
             at += cells * el * width
 
 
-def _tile_rows(data: memoryview, at: int, cells: int, context: int, reps: int, out: Any, header: int) -> int:
+def _tile_rows(data: memoryview, at: int, cells: int, context: int, reps: int, out: Any) -> int:
     """One layer's [type i32, row bytes u64, rows]: the rows repeated to `context` rows."""
     import numpy as np
 
     row = int(np.frombuffer(data[at + 4 : at + 12], dtype=np.uint64)[0])
-    out.write(data[at : at + header])
-    at += header
+    out.write(data[at : at + 12])
+    at += 12
     rows = np.frombuffer(data[at : at + cells * row], dtype=np.uint8).reshape(cells, row)
     out.write(np.tile(rows, (reps, 1))[:context].tobytes())
     return at + cells * row
