@@ -7,6 +7,9 @@
 - Held-out informal text from a third domain: Usenet posts (the 20 Newsgroups sample `mini_newsgroup` in the
   same wheel's test data, a protocol-0 pickle whose strings are read out with a regular expression, never
   unpickled; headers dropped).
+- Long held-out documents of another domain: the longest English Wikipedia articles in the same wheel's test
+  data (a shortened dump, markup stripped here), for the long-context validation (docs/results.md, "Long
+  context kept").
 - Calibration text: technical documentation, namely the docstrings of Python's standard library
   (unrelated to the evaluation prose, and the same on every machine with the same Python).
 """
@@ -113,6 +116,58 @@ def newsgroup_posts() -> Path:
     return target
 
 
+def _strip_wiki(text: str) -> str:
+    """Plain prose from wiki markup: references, templates, tables, files and markup removed, links' text kept."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    for pattern in (r"\{\{[^{}]*\}\}", r"\{\|[^{}]*?\|\}"):
+        while True:
+            stripped = re.sub(pattern, "", text, flags=re.S)
+            if stripped == text:
+                break
+            text = stripped
+
+    def link(match: re.Match) -> str:
+        inner = match.group(1)
+        return "" if re.match(r"(?i)(file|image|category):", inner) else inner.split("|")[-1]
+
+    while True:
+        linked = re.sub(r"\[\[([^\[\]]*)\]\]", link, text)
+        if linked == text:
+            break
+        text = linked
+    text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.M)
+    text = re.sub(r"^[*#:;]+\s*", "", text, flags=re.M)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def wiki_articles(min_chars: int = 40000) -> Path:
+    """The long articles of gensim's shortened English Wikipedia dump as plain text, one JSON record per article
+    ({"title", "text"}), each at least `min_chars` characters after the markup is stripped."""
+    import bz2
+    import html
+    import json
+
+    target = CACHE / "texts" / "wiki_long.jsonl"
+    if target.is_file():
+        return target
+    wheel = _pip_download(GENSIM_WHEEL, CACHE / "texts")
+    name = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    with zipfile.ZipFile(wheel) as archive:
+        dump = bz2.decompress(archive.read(name)).decode("utf-8")
+    pages = re.findall(r"<title>(.*?)</title>.*?<text[^>]*>(.*?)</text>", dump, re.S)
+    records = []
+    for title, body in pages:
+        text = _strip_wiki(html.unescape(body))
+        if len(text) >= min_chars:
+            records.append(json.dumps({"title": title, "text": text}))
+    target.write_text("\n".join(records) + "\n")
+    return target
+
+
 def english_prose_split(eval_docs: int = 60) -> tuple[Path, Path]:
     """The Lee news corpus cut by whole articles: the first ones for calibration and training, the last
     `eval_docs` held out for evaluation only (one article per line in the corpus)."""
@@ -126,5 +181,5 @@ def english_prose_split(eval_docs: int = 60) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    for fn in (smollm2_gguf, smollm2_dir, english_prose, technical_docs, newsgroup_posts):
+    for fn in (smollm2_gguf, smollm2_dir, english_prose, technical_docs, newsgroup_posts, wiki_articles):
         print(fn.__name__, fn())

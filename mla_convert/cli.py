@@ -294,7 +294,7 @@ def _step_detail(info: Any) -> str:
 
 
 def _show_result(report: dict[str, Any], model_out: Path, quiet: bool) -> None:
-    from .report.report import cache_table, generation_table, layer_table, validation_table
+    from .report.report import cache_table, generation_table, layer_table, long_eval_table, validation_table
 
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under a multi-process launch only the main process reports
@@ -316,7 +316,7 @@ def _show_result(report: dict[str, Any], model_out: Path, quiet: bool) -> None:
                 f"fine-tune: {f['steps']} steps, {f['tokens']} tokens in {f['seconds']:.0f} s, "
                 f"loss {f['losses'][0]:.4f} -> {f['losses'][-1]:.4f}"
             )
-        for table in (validation_table(report), generation_table(report)):
+        for table in (validation_table(report), generation_table(report), long_eval_table(report)):
             if table is not None:
                 out.print(table)
     kv = report["kv_cache"]

@@ -22,9 +22,11 @@ from .conversion.driver import convert, key_energies
 from .engines.export import check_gguf_request, gguf_beside
 from .errors import ConversionError
 from .evaluate import validation
+from .evaluate.validation import LongText
 from .evaluate.verify import load_converted, verify
 from .hooks import Hooks
 from .options import Options, TrainSettings, check_options, check_settings, finetune_defaults, max_shard_bytes
+from .plan.long_eval import LongEvalPlan, long_eval_plan
 from .plan.plan import Plan, geometry_of, make_plan, resolve_dtype
 from .plan.preview import CARD_MEMORY, describe, finetune_line, finetune_summary, long_context
 from .plan.serving import REFUSES, Verdict, verdicts
@@ -37,6 +39,7 @@ from .source.paths import check_model_in, check_paths
 from .source.text import TextSets, TokenWindows, check_lengths, text_sets
 from .train import finetune
 from .train.distill import is_main_process
+from .train.finetune import StagedText
 from .util import resources
 from .write.manifest import file_hashes
 from .write.tokenizer import copy_tokenizer
@@ -46,6 +49,8 @@ from .write.writer import (
     write_json,
     write_text,
 )
+
+LONG_CALIB_LEN = 4096  # the default long calibration window, where the source's context allows
 
 
 def plan_for(
@@ -135,7 +140,9 @@ def preview(model_in: str, options: Options, model_out: Path | None = None) -> d
         check_paths(model_in, model_out, options.force)
     source, plan, wants_finetune = _prepare(model_in, options, settings, weights=False)
     found = engine_verdicts(plan, options)
-    return describe(plan, found, source.parameter_count(), options, settings, wants_finetune)
+    return describe(
+        plan, found, source.parameter_count(), options, settings, wants_finetune, long_eval_of(source, options)
+    )
 
 
 def _prepare(
@@ -228,6 +235,7 @@ def _convert_stage(
     training = settings is not None and not structurally_lossless(plan)
     whole_fit = whole_models_fit(source)  # else verification and validation are skipped, with a warning
     need_eval = calibrated or (options.validate and whole_fit)
+    long_plan = long_eval_of(source, options)
     texts: TextSets | None = None
     if need_eval or options.eval_data or training:
         hooks.on_stage("preparing calibration text" if calibrated else "preparing text")
@@ -248,10 +256,15 @@ def _convert_stage(
             train_seq_len=settings.seq_len if settings is not None else 0,
             hooks=hooks,
             sampled_share=options.calib_sampled,
+            long_len=long_plan.length if long_plan is not None else 0,
+            long_windows=long_plan.windows if long_plan is not None else 0,
+            calib_long_len=calib_long_len(source, options),
+            calib_long_windows=options.calib_long_windows if calib_long_len(source, options) else 0,
         )
+    long_ids = texts.calib_long.ids if texts is not None and texts.calib_long is not None else None
     if calibrated:
         assert texts is not None and texts.calib is not None
-        plan = _calibrated_plan(source, options, plan, texts.calib.ids, hooks)
+        plan = _calibrated_plan(source, options, plan, texts.calib.ids, hooks, long_ids)
     hooks.on_plan(plan)
     with atomic_output(model_out, options.force) as tmp:
         calibrator = None
@@ -266,6 +279,7 @@ def _convert_stage(
                 options.layer_steps,
                 # at full size it measured no gain, except where per-head q/k norms were replaced by scales
                 options.query_refit and (plan.compressed or plan.geometry.family.qk_norm),
+                long_ids=long_ids,
             )
         hooks.on_stage("converting layers", plan.geometry.layers)
         with ShardWriter(tmp, plan.dtype, max_shard_bytes(options.max_shard_size)) as writer:
@@ -297,6 +311,9 @@ def _convert_stage(
             report.warnings += texts.notes
             if texts.calib is not None:
                 report.calibration = {"method": plan.method, "source": texts.calib.origin, "tokens": texts.calib.tokens}
+                if texts.calib_long is not None:
+                    count, length = texts.calib_long.ids.shape
+                    report.calibration["long_windows"] = {"count": count, "tokens": length}
         if not whole_fit:
             skipped = [name for name, on in (("--verify", options.verify), ("--validate", options.validate)) if on]
             if skipped:
@@ -311,11 +328,12 @@ def _convert_stage(
         data = report.as_dict()
         if training:
             assert texts is not None and texts.train is not None
-            finetune.stage_data(tmp, texts.train, texts.evaluation)
+            finetune.stage_data(tmp, StagedText(texts.train, texts.evaluation, texts.long, texts.long_note))
             data["warnings"].append(finetune.PENDING)
         elif options.validate and whole_fit and texts is not None and texts.evaluation is not None:
-            hooks.on_stage("validating on held-out text")
-            data = _validated(data, source, {"converted": load_converted(tmp)}, texts.evaluation, tmp)
+            hooks.on_stage(_validating(long_plan))
+            long = LongText(long_plan, texts.long, texts.long_note, options.seed)
+            data = _validated(data, source, {"converted": load_converted(tmp)}, texts.evaluation, tmp, long=long)
         else:
             data = _validated(data, None, {}, None, tmp)
         data["resources"] = resources.usage(started)
@@ -333,7 +351,18 @@ def _train_tokens(options: Options, settings: TrainSettings | None) -> int:
     return min(options.train_tokens, settings.steps * settings.batch_size * settings.seq_len)
 
 
-def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks) -> Plan:
+def calib_long_len(source: Source, options: Options) -> int:
+    """Tokens per long calibration window: --calib-long-len, else the source's context up to 4096; 0 when no
+    window would be longer than the short ones."""
+    length = options.calib_long_len
+    if length is None:
+        length = min(getattr(source.config, "max_position_embeddings", None) or LONG_CALIB_LEN, LONG_CALIB_LEN)
+    return length if length > options.calib_seq_len else 0
+
+
+def _calibrated_plan(
+    source: Source, options: Options, plan: Plan, ids: torch.Tensor, hooks: Hooks, long_ids: torch.Tensor | None
+) -> Plan:
     """Redo the plan with activation statistics: rotary components and, for a budget, the measured split."""
     from .conversion.budget import budget_candidates, full_size_candidates, pick, score_candidates, stride_candidates
     from .conversion.calibrator import SourceWalk, second_moment
@@ -374,7 +403,8 @@ def _calibrated_plan(source: Source, options: Options, plan: Plan, ids: torch.Te
     layers = plan.geometry.layers
     hooks.on_stage(f"{why}, layer by layer", layers)
     on_layer = lambda i: hooks.on_progress(i + 1, layers)  # noqa: E731
-    best, reason = pick(score_candidates(source, candidates, ids, on_layer, device=options.device))
+    scored = score_candidates(source, candidates, ids, on_layer, device=options.device, long_ids=long_ids)
+    best, reason = pick(scored)
     best.split_reason = f"{prefix}; {reason}"
     return best
 
@@ -391,7 +421,8 @@ def _heal(
 ) -> dict[str, Any]:
     """Fine-tune the converted model in MODEL_OUT, check and validate it, and write the result in its place."""
     report = finetune.pending_report(model_out, resume)
-    train_text, evaluation = finetune.load_data(model_out)
+    staged = finetune.load_data(model_out)
+    train_text, evaluation = staged.train, staged.evaluation
     hooks.on_stage("fine-tuning", settings.steps)
     student = load_converted(model_out)
     result = finetune.fine_tune(
@@ -419,9 +450,10 @@ def _heal(
             report["verification"] = verify(source, tmp, seed=options.seed).as_dict()
         models = {}
         if options.validate and evaluation is not None:
-            hooks.on_stage("validating on held-out text")
+            hooks.on_stage(_validating(long_eval_of(source, options)))
             models = {"converted": load_converted(model_out), "fine-tuned": load_converted(tmp)}
-        report = _validated(report, source, models, evaluation, tmp, result.losses, result.resumed_from)
+        long = LongText(long_eval_of(source, options), staged.long, staged.long_note, options.seed)
+        report = _validated(report, source, models, evaluation, tmp, result.losses, result.resumed_from, long)
         if options.gguf:
             hooks.on_stage(f"writing the {options.gguf} GGUF for llama.cpp")
             report["gguf"] = gguf_beside(tmp, model_out.name, options.gguf, source.gguf_path)
@@ -446,6 +478,22 @@ def _validated(
     out_dir: Path,
     losses: list[float] | None = None,
     resumed_from: int | None = None,
+    long: LongText | None = None,
 ) -> dict[str, Any]:
-    """Measure `models` against the source on `text` (when given), then draw the plots beside them."""
-    return plots.draw(validation.measured(report, source, models, text), out_dir, losses, resumed_from)
+    """Measure `models` against the source on `text` (when given) and at long context, then draw the plots."""
+    return plots.draw(validation.measured(report, source, models, text, long), out_dir, losses, resumed_from)
+
+
+def _validating(long: LongEvalPlan | None) -> str:
+    if long is None:
+        return "validating on held-out text"
+    return f"validating on held-out text, and at long context up to {long.length} tokens ({long.mode})"
+
+
+def long_eval_of(source: Source, options: Options) -> LongEvalPlan | None:
+    """The long-context validation this run does (None with --no-validate or --long-eval off)."""
+    if not options.validate:
+        return None
+    return long_eval_plan(
+        options.long_eval, options.long_eval_len, getattr(source.config, "max_position_embeddings", None)
+    )

@@ -29,6 +29,7 @@ GGUF_TYPES = ("f32", "bf16", "q8_0")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "auto")
 SCOPES = ("attention", "all")
+LONG_EVAL_MODES = ("off", "quick", "full")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 # Fine-tune defaults by device: (steps, windows per step). On 2 CPU cores 40 x 4 x 256 tokens took 4 to 8.5
 # min for SmolLM2-135M (docs/results.md); a GPU affords the larger default.
@@ -156,6 +157,13 @@ class Options:
     )
     calib_tokens: int = flag(8192, "Calibration tokens to use.", TEXT)
     calib_seq_len: int = flag(256, "Tokens per calibration window.", TEXT)
+    calib_long_len: int | None = flag(
+        None,
+        "Tokens per long calibration window, beside the --calib-seq-len ones: the fit and the split measurement "
+        "score far positions on them (0: none). Default: the source's context, at most 4096.",
+        TEXT,
+    )
+    calib_long_windows: int = flag(1, "Long calibration windows (of --calib-long-len tokens).", TEXT)
     calib_sampled: float = flag(
         0.0,
         "With --calib-data: this share of the calibration windows is text sampled from the source model instead "
@@ -207,6 +215,20 @@ class Options:
     )
     verify: bool = flag(True, "Check the written model's logits against the source.", OUTPUT)
     validate: bool = flag(True, "Measure quality (perplexity, KL, top-1) on held-out text at the end.", OUTPUT)
+    long_eval: str = flag(
+        "quick",
+        "Long-context validation: perplexity ratio and KL to the source by position on long held-out windows, and "
+        "passkey retrieval at 1K, 2K, 4K... tokens. quick: one window and 2 passkeys per length, up to 4,096 tokens; "
+        "full: up to 4 windows and 4 passkeys per length, up to 16,384; off. The dry run gives its cost.",
+        OUTPUT,
+        choices=LONG_EVAL_MODES,
+    )
+    long_eval_len: int | None = flag(
+        None,
+        "Longest context the long-context validation measures (default: 4096 quick, 16384 full), capped by the "
+        "source's context.",
+        OUTPUT,
+    )
     device: str = flag(
         "cpu",
         "Where the factorization, calibration and fine-tune run: cpu, cuda, or auto (cuda when a GPU is "
@@ -264,6 +286,9 @@ def check_options(options: Options) -> None:
     _check_choice("method", options.method, METHODS)
     _check_choice("dtype", options.dtype, DTYPE_NAMES)
     _check_choice("device", options.device, DEVICES)
+    _check_choice("long-eval", options.long_eval, LONG_EVAL_MODES)
+    if options.long_eval_len is not None and options.long_eval_len < 64:
+        raise ConversionError(f"--long-eval-len must be at least 64 tokens, got {options.long_eval_len}")
     if options.gguf is not None:
         _check_choice("gguf", options.gguf, GGUF_TYPES, "; f16 is refused: it erases the latent")
     check_ranks(options.kv_budget, options.kv_rank, options.rope_dim)
@@ -281,6 +306,10 @@ def check_options(options: Options) -> None:
     for name in ("calib_tokens", "eval_tokens", "train_tokens"):
         if getattr(options, name) <= 0:
             raise ConversionError(f"--{name.replace('_', '-')} must be positive, got {getattr(options, name)}")
+    if options.calib_long_len is not None and options.calib_long_len < 0:
+        raise ConversionError(f"--calib-long-len must be 0 (none) or positive, got {options.calib_long_len}")
+    if options.calib_long_windows < 0:
+        raise ConversionError(f"--calib-long-windows must not be negative, got {options.calib_long_windows}")
     if options.calib_seq_len < 16:
         raise ConversionError(f"--calib-seq-len must be at least 16, got {options.calib_seq_len}")
     if not 0.0 <= options.calib_sampled < 1.0:

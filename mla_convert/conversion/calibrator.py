@@ -16,6 +16,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 from ..plan.plan import Plan
 from ..source.checkpoint import Source
 from ..source.layers import SourceLayers
+from .attention_rows import FarWindows
 from .driver import LayerStats, fit_expert_scale, is_moe_layer, needs_expert_scale
 from .layer_fit import (
     attention_error,
@@ -32,7 +33,12 @@ from .reconstruct import reconstruct
 
 
 class SequentialCalibrator:
-    """Implements convert.Calibrator on token windows ids [count, seq_len]."""
+    """Implements convert.Calibrator on token windows ids [count, seq_len], and optionally long windows
+    long_ids [count, long_len] beside them.
+
+    The long windows count in the input statistics and the output projection's refit like any tokens; the
+    query refit also fits far (query, key) pairs on them, and the report's far_attn_output_error is measured
+    on their second half: a fit that only sees a few hundred tokens cannot see what it does far away."""
 
     def __init__(
         self,
@@ -42,15 +48,22 @@ class SequentialCalibrator:
         device: str = "cpu",
         layer_steps: int = 0,
         query_refit: bool = False,
+        long_ids: torch.Tensor | None = None,
     ):
         self.source = SourceLayers(source, device)
         self.plan = plan
         self.config = deepseek_runtime_config(plan, source.config)
         self.lam = plan.residual_scale
+        embedding = DeepseekV3RotaryEmbedding(self.config)
         with torch.no_grad():
             self.h = self.source.embed(ids) * self.lam
-            self.ds_pos = rotary(DeepseekV3RotaryEmbedding(self.config), self.h[:1], ids.shape[1])
+            self.ds_pos = rotary(embedding, self.h[:1], ids.shape[1])
             self.src_pos = rotary(self.source.rotary, self.h[:1], ids.shape[1])
+            self.far: FarWindows | None = None
+            if long_ids is not None:
+                h = self.source.embed(long_ids) * self.lam
+                seq = long_ids.shape[1]
+                self.far = FarWindows(h, rotary(embedding, h[:1], seq), rotary(self.source.rotary, h[:1], seq))
         self._x: torch.Tensor | None = None
         self.refit_output = plan.refit_output
         self.layer_steps = layer_steps
@@ -60,7 +73,12 @@ class SequentialCalibrator:
     def covariance(self, index: int) -> torch.Tensor:
         norm = self.source.layer(index).input_layernorm
         self._x = batched(lambda h: norm(h / self.lam), self.h)  # equals the converted layer's own norm
-        return second_moment(self._x)
+        moment = second_moment(self._x)
+        if self.far is None:
+            return moment
+        self.far.x = batched(lambda h: norm(h / self.lam), self.far.h)
+        short, long = self._x[..., 0].numel(), self.far.x[..., 0].numel()
+        return (moment * short + second_moment(self.far.x) * long) / (short + long)
 
     @torch.no_grad()
     def advance(self, index: int, tensors: dict[str, torch.Tensor], stats: LayerStats) -> None:
@@ -76,14 +94,22 @@ class SequentialCalibrator:
             runtime.update(converted_experts(src_layer, index, self.lam))
         layer = build_layer(self.config, index, runtime, x.device)
         src_attn = src_layer.self_attn
-        ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * (self.lam * self.source.residual)
+        scale = self.lam * self.source.residual
+        ref = batched(lambda t: src_attn(t, self.src_pos, None)[0], x) * scale
+        far = self.far
+        if far is not None:
+            assert far.x is not None
+            far.ref = batched(lambda t: src_attn(t, far.src_pos, None)[0], far.x) * scale
         prefix = f"model.layers.{index}.self_attn."
         if self.query_refit and prefix + "q_proj.weight" in tensors:
-            refit = refit_queries(layer.self_attn, src_attn, x, self.ds_pos, self.src_pos, ref)
+            refit = refit_queries(layer.self_attn, src_attn, x, self.ds_pos, self.src_pos, ref, far=far)
             stats.query_error_before, stats.query_error_after = refit.before, refit.after
             tensors[prefix + "q_proj.weight"] = layer.self_attn.q_proj.weight.detach().clone()
         if self.refit_output:
-            refit_output_projection(layer.self_attn, x, self.ds_pos, ref, tensors, index)
+            parts = [(o_proj_inputs(layer.self_attn, x, self.ds_pos), ref)]
+            if far is not None:
+                parts.append((far.inputs(layer.self_attn), far.target()))
+            refit_output_projection(layer.self_attn, parts, tensors, index)
         if self.layer_steps > 0:
             fit = reconstruct(layer, x, ref, self.ds_pos, self.layer_steps)
             stats.reconstruction_steps = fit.steps
@@ -92,6 +118,8 @@ class SequentialCalibrator:
                 if prefix + name in tensors:
                     tensors[prefix + name] = tensor.detach().clone()
         stats.attn_output_error = attention_error(layer.self_attn, x, ref, self.ds_pos)
+        if far is not None:
+            stats.far_attn_output_error = far.error(layer.self_attn)
         if moe:
             z = batched(lambda t: mlp_input(layer, t, self.ds_pos), self.h)  # the MoE block's inputs
             if needs_expert_scale(self.plan, index):
@@ -100,6 +128,9 @@ class SequentialCalibrator:
             ref_moe = batched(src_layer.mlp, z) * (self.lam * self.source.residual)
             stats.moe_output_error = relative(batched(layer.mlp, z), ref_moe)  # what the routing weights cost
         self.h = batched(lambda h: layer(h, position_embeddings=self.ds_pos), self.h)
+        if far is not None:
+            far.h = batched(lambda h: layer(h, position_embeddings=far.pos), far.h)
+            far.x = far.ref = None
         self.source.release(index)
         self._x = None
 
@@ -112,21 +143,27 @@ def mlp_input(layer: Any, h: torch.Tensor, pos: Any) -> torch.Tensor:
 
 def refit_output_projection(
     attn: DeepseekV3Attention,
-    x: torch.Tensor,
-    pos: Any,
-    target: torch.Tensor,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
     tensors: dict[str, torch.Tensor],
     index: int,
 ) -> None:
-    """Refit o_proj so the converted attention output on inputs x matches target (the source's, rescaled).
+    """Refit o_proj so the converted attention output matches the source's (rescaled), over every (o_proj
+    inputs, target) of `parts`: the short calibration windows, and the far rows of the long ones if any.
 
     Ridge least squares pulled towards the current weights, so an exact layer stays as it is. (A per-head
     refit of the value up-projection before it was tried and measured no better on SmolLM2.)
     """
     name = f"model.layers.{index}.self_attn.o_proj.weight"
-    inputs = batched(lambda t: o_proj_input(attn, t, pos), x)
-    tensors[name] = refit_linear(inputs, target, tensors[name].to(device=x.device, dtype=torch.float64))
+    inputs = torch.cat([z.reshape(-1, z.shape[-1]) for z, _ in parts])
+    targets = torch.cat([o.reshape(-1, o.shape[-1]) for _, o in parts])
+    weight = tensors[name].to(device=inputs.device, dtype=torch.float64)
+    tensors[name] = refit_linear(inputs, targets, weight)
     attn.o_proj.weight.copy_(tensors[name].float())
+
+
+def o_proj_inputs(attn: DeepseekV3Attention, x: torch.Tensor, pos: Any) -> torch.Tensor:
+    """What attn.o_proj reads on inputs x [windows, T, hidden], all windows."""
+    return batched(lambda t: o_proj_input(attn, t, pos), x)
 
 
 def o_proj_input(attn: DeepseekV3Attention, x: torch.Tensor, pos: Any) -> torch.Tensor:

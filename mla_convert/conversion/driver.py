@@ -41,6 +41,7 @@ class LayerStats:
     k_act_error: float | None = None  # on calibration activations
     v_act_error: float | None = None
     attn_output_error: float | None = None  # converted vs source attention output, same inputs
+    far_attn_output_error: float | None = None  # ... at the far positions of long calibration windows
     # layer-wise reconstruction (--layer-steps): held-out calibration windows' output error before and after
     query_error_before: float | None = None  # --query-refit: held-out attention-output error around it
     query_error_after: float | None = None

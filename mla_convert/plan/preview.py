@@ -11,6 +11,7 @@ from ..options import Options, TrainSettings, size_bytes
 from ..util import resources
 from ..util.units import human_bytes
 from . import capacity, measured_speed
+from .long_eval import LongEvalPlan
 from .plan import Plan
 from .serving import Verdict
 
@@ -50,6 +51,7 @@ def describe(
     options: Options,
     settings: TrainSettings | None,
     trains: bool,
+    long: LongEvalPlan | None = None,
 ) -> dict[str, Any]:
     """The preview as data (the API's `plan()` returns it; the CLI prints `preview_lines` of it)."""
     geo = plan.geometry
@@ -80,7 +82,22 @@ def describe(
         "memory_available_bytes": resources.available_memory_bytes(),
         "finetune": finetune_summary(parameters, settings if trains else None, options.device),
         "samples_text": samples,
+        "long_eval": long_eval_cost(long, plan, parameters, 3 if trains else 2),
         "warnings": list(plan.warnings),
+    }
+
+
+def long_eval_cost(long: LongEvalPlan | None, plan: Plan, parameters: int, models: int) -> dict[str, Any] | None:
+    """What the long-context validation reads and a rough CPU time for it (source, converted, fine-tuned)."""
+    if long is None:
+        return None
+    geo = plan.geometry
+    return {
+        **vars(long),
+        "passkey_lengths": list(long.passkey_lengths),
+        "models": models,
+        "tokens_per_model": long.tokens_per_model(),
+        "estimated_cpu_seconds": long.estimated_seconds(parameters, geo.layers * geo.heads * geo.head_dim, models),
     }
 
 
@@ -196,6 +213,7 @@ def preview_lines(d: dict[str, Any], device: str) -> list[str]:
     else:
         lines.append("memory: the conversion streams one layer at a time")
     lines.append(finetune_line(d["finetune"], device))
+    lines.append(long_eval_line(d["long_eval"]))
     if d["samples_text"]:
         lines.append(
             "calibration text: none given, so it is sampled from the source (minutes on a CPU); --calib-data FILE "
@@ -203,6 +221,18 @@ def preview_lines(d: dict[str, Any], device: str) -> list[str]:
         )
     lines += [f"warning: {w}" for w in d["warnings"]]
     return lines
+
+
+def long_eval_line(long: dict[str, Any] | None) -> str:
+    if long is None:
+        return "long-context validation: off"
+    keys = ", ".join(str(n) for n in long["passkey_lengths"])
+    return (
+        f"long-context validation ({long['mode']}): ratio by position on up to {long['windows']} window(s) of "
+        f"{long['length']} tokens, {long['passkey_trials']} passkeys at each of {keys} tokens; "
+        f"{long['tokens_per_model']:,} tokens for each of {long['models']} models, about "
+        f"{_minutes(long['estimated_cpu_seconds'])} on this CPU (--long-eval off|quick|full)"
+    )
 
 
 def _minutes(seconds: float) -> str:

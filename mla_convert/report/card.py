@@ -17,7 +17,7 @@ from typing import Any
 from ..plan.target_config import TRANSFORMERS_ONLY
 from ..util.names import looks_local, strip_paths
 from ..util.units import human_bytes
-from .plots import LAYER_PLOT, LOSS_PLOT
+from .plots import LAYER_PLOT, LONG_PLOT, LOSS_PLOT
 
 TAGS = ("mla", "deepseek_v3", "kv-cache-compression", "mla-convert")
 HUB = "https://huggingface.co"
@@ -48,6 +48,7 @@ def model_card(report: dict[str, Any], model_out_name: str) -> str:
         conversion_section(report),
         finetune_section(report),
         validation_section(report),
+        long_eval_section(report),
         plots_section(report),
     ]
     body = "\n".join(s for s in sections if s)
@@ -217,12 +218,18 @@ def conversion_section(r: dict[str, Any]) -> str:
     ]
     if r.get("calibration"):
         c = r["calibration"]
-        lines.append(f"- Method: {c['method']}, calibrated on {c['tokens']} tokens of {text_origin(c['source'])}")
+        long = c.get("long_windows")
+        extra = f", plus {long['count']} long window(s) of {long['tokens']} tokens" if long else ""
+        lines.append(
+            f"- Method: {c['method']}, calibrated on {c['tokens']} tokens of {text_origin(c['source'])}{extra}"
+        )
     if "attn_output_error_mean" in summary:
+        far = summary.get("far_attn_output_error_mean")
         lines.append(
             f"- On calibration activations: key error mean {summary['k_act_error_mean']:.2e}, value error "
             f"mean {summary['v_act_error_mean']:.2e}, attention output error mean "
             f"{summary['attn_output_error_mean']:.2e}"
+            + ("" if far is None else f" ({far:.2e} at the far positions of the long windows)")
         )
     if r.get("evaluation"):
         e = r["evaluation"]
@@ -321,6 +328,52 @@ def validation_section(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_eval_section(r: dict[str, Any]) -> str:
+    """Quality by position and passkey retrieval (the long-context validation)."""
+    long = r.get("long_eval")
+    if not long:
+        return ""
+    lines = ["## Long context", ""]
+    buckets = long.get("buckets") or []
+    if buckets:
+        names = list(buckets[0]["models"])
+        lines += [
+            f"Perplexity ratio to the source (KL in nats) by position, on {long['windows']} window(s) of "
+            f"{long['length']} tokens of {text_origin(long['text'])}:",
+            "",
+            "| positions | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for b in buckets:
+            cells = [f"{m['perplexity_ratio']:.3f} ({m['kl_to_source']:.3f})" for m in b["models"].values()]
+            lines.append(f"| {b['start']}-{b['end']} | " + " | ".join(cells) + " |")
+        spans = long["spans"]
+        (_, near_end), (far_start, far_end) = spans["near"], spans["far"]
+        for name, s in spans["models"].items():
+            lines.append(
+                f"\n{name}: {s['far_ratio']:.3f}x the source perplexity at positions {far_start}-{far_end} "
+                f"against {s['near_ratio']:.3f}x over the first {near_end}: {s['far_over_near']:.3f} times "
+                "worse far than near"
+            )
+    passkey = long.get("passkey")
+    if passkey:
+        lengths = passkey["lengths"]
+        lines += [
+            "",
+            f"Passkey retrieval (correct of {passkey['trials']} per length, the key hidden at depths "
+            + ", ".join(f"{d:.0%}" for d in passkey["depths"])
+            + "):",
+            "",
+            "| model | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---|" + "---:|" * len(lengths),
+        ]
+        for name, correct in passkey["correct"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{c}/{passkey['trials']}" for c in correct) + " |")
+    if long.get("note"):
+        lines += ["", f"Note: {long['note']}."]
+    return "\n".join(lines) + "\n"
+
+
 def _cell(text: str) -> str:
     """Text for one markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")
@@ -330,7 +383,11 @@ def plots_section(r: dict[str, Any]) -> str:
     plots = r.get("plots") or []
     if not plots:
         return ""
-    titles = {LOSS_PLOT: "Fine-tune loss", LAYER_PLOT: "Per-layer reconstruction error"}
+    titles = {
+        LOSS_PLOT: "Fine-tune loss",
+        LAYER_PLOT: "Per-layer reconstruction error",
+        LONG_PLOT: "Quality by position and passkey retrieval",
+    }
     names = [PurePath(p).name for p in plots]
     return "## Plots\n\n" + "\n".join(f"![{titles.get(p, p)}]({p})" for p in names) + "\n"
 

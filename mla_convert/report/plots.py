@@ -7,6 +7,7 @@ from typing import Any
 
 LOSS_PLOT = "training_loss.png"
 LAYER_PLOT = "layer_error.png"
+LONG_PLOT = "long_context.png"
 
 
 def draw(report: dict[str, Any], out_dir: Path, losses: list[float] | None, resumed_from: int | None) -> dict[str, Any]:
@@ -17,6 +18,10 @@ def draw(report: dict[str, Any], out_dir: Path, losses: list[float] | None, resu
         drawn.append(LOSS_PLOT)
     layer_errors(out_dir / LAYER_PLOT, report["layers"])
     drawn.append(LAYER_PLOT)
+    long = report.get("long_eval")
+    if long and (long.get("buckets") or long.get("passkey")):
+        long_context(out_dir / LONG_PLOT, long)
+        drawn.append(LONG_PLOT)
     return {**report, "plots": drawn}
 
 
@@ -67,6 +72,43 @@ def layer_errors(path: Path, layers: list[dict[str, Any]]) -> None:
     ax.set_title("Per-layer reconstruction error of the conversion")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def long_context(path: Path, long: dict[str, Any]) -> None:
+    """Perplexity ratio to the source by position (left) and passkey accuracy by prompt length (right)."""
+    plt = _pyplot()
+    fig, (by_pos, keys) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
+    buckets = long.get("buckets") or []
+    if buckets:
+        middles = [(b["start"] + b["end"]) / 2 for b in buckets]
+        by_pos.axhline(1.0, color="black", lw=0.8, label="source")
+        for name in buckets[0]["models"]:
+            by_pos.plot(middles, [b["models"][name]["perplexity_ratio"] for b in buckets], marker="o", label=name)
+        by_pos.set_xscale("log")
+        by_pos.set_xticks(middles, [f"{b['start']}-{b['end']}" for b in buckets], rotation=20, fontsize=7)
+        by_pos.minorticks_off()
+        by_pos.legend()
+    by_pos.set_xlabel("position in the window (tokens)")
+    by_pos.set_ylabel("perplexity ratio to the source")
+    by_pos.set_title(f"Quality by position ({long['windows']} x {long['length']} tokens)")
+    by_pos.grid(alpha=0.3)
+    passkey = long.get("passkey")
+    if passkey:
+        lengths = passkey["lengths"]
+        for name, correct in passkey["correct"].items():
+            keys.plot(lengths, [c / passkey["trials"] for c in correct], marker="o", label=name)
+        keys.set_xscale("log", base=2)
+        keys.set_xticks(lengths, [str(n) for n in lengths])
+        keys.minorticks_off()
+        keys.set_ylim(-0.05, 1.05)
+        keys.legend()
+    keys.set_xlabel("prompt length (tokens)")
+    keys.set_ylabel("passkey accuracy")
+    keys.set_title("Passkey retrieval")
+    keys.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)

@@ -1,6 +1,6 @@
 """One report object rendered three ways: a rich table, mla_report.json and the model card section.
 
-Schema of mla_report.json (version 1):
+Schema of mla_report.json (version 2; version 1 had no long_eval):
   schema_version, tool {name, version},
   source {name (hub id, or the folder / file name: what the model card shows), hub_id (the hub repo it was given
           as, the `org/name` its config.json's `_name_or_path` declares, or the repository a GGUF states, else
@@ -20,7 +20,8 @@ Schema of mla_report.json (version 1):
   engines [{engine, status (serves | computes wrongly | refuses | untested), detail}],
   gguf {file, type, bytes, kept_float32 [tensor names], warnings} or null without --gguf,
   layers [{index, k_rel_error, v_rel_error, rope_energy_kept, rope_energy_near (the part of it on a dense ladder's
-          near-frequency slots), k_act_error, v_act_error, attn_output_error, and
+          near-frequency slots), k_act_error, v_act_error, attn_output_error, with long calibration windows
+          far_attn_output_error (the same error at their far positions, the second half of each), and
           with --layer-steps: reconstruction_steps, held_out_error_before, held_out_error_after (relative
           attention-output error on held-out calibration windows around the layer-wise reconstruction), and with
           --query-refit: query_refit_error_before, query_refit_error_after (the same error around the query refit;
@@ -31,8 +32,10 @@ Schema of mla_report.json (version 1):
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
            rope_energy_kept_min, rope_energy_near_mean, and with calibration k_act_error_*, v_act_error_*,
-           attn_output_error_* (mean, max), and for a MoE source moe_output_error_* (mean, max)},
-  calibration {method, source, tokens} or null,
+           attn_output_error_* (mean, max), far_attn_output_error_* (mean, max) with long calibration windows,
+           and for a MoE source moe_output_error_* (mean, max)},
+  calibration {method, source, tokens (the short windows'), long_windows {count, tokens (each)} when long
+               calibration windows were used} or null,
   evaluation (one-shot, before any fine-tune) {text, tokens, source_perplexity, converted_perplexity,
               perplexity_ratio, kl_to_source, top1_agreement} or null,
   verification {tokens, max_abs_logit_diff, top1_agreement, kl_mean, measured_cache_elements_per_token_per_layer}
@@ -42,6 +45,12 @@ Schema of mla_report.json (version 1):
            or null when there was no fine-tune,
   validation {text, tokens, models [{model, perplexity, perplexity_ratio, kl_to_source, top1_agreement}],
               generation {prompt, max_new_tokens, outputs {model: text}}} or null with --no-validate,
+  long_eval (--long-eval, evaluate/long_context.py) {mode, length (tokens per window), text, windows, note (how the
+            windows were made when not from documents that long, or why there is no passkey), buckets [{start, end,
+            source_perplexity, models {model: {perplexity, perplexity_ratio, kl_to_source, top1_agreement}}}],
+            spans {near [start, end], far [start, end], models {model: {near_ratio, far_ratio, far_over_near}}},
+            passkey {lengths, trials, depths, correct {model (the source first): [correct per length]}} or null,
+            forward_seconds (one model, one window)} or null with --long-eval off or --no-validate,
   plots [file names of the PNGs beside the checkpoint],
   resources {peak_rss_bytes, seconds} of the run that wrote the report (the only part that varies between
             identical runs; the model card leaves it out),
@@ -88,6 +97,7 @@ class Report:
     evaluation: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
+    long_eval: dict[str, Any] | None = None  # evaluate/long_context.LongEval, set by the validation
     plots: list[str] = field(default_factory=list)
     engines: list[dict[str, str]] = field(default_factory=list)
     gguf: dict[str, Any] | None = None
@@ -132,6 +142,9 @@ class Report:
             for key in ("k_act_error", "v_act_error", "attn_output_error"):
                 out[f"{key}_mean"] = stat(key, mean)
                 out[f"{key}_max"] = stat(key, max)
+            far = [layer.far_attn_output_error for layer in self.layers if layer.far_attn_output_error is not None]
+            if far:
+                out["far_attn_output_error_mean"], out["far_attn_output_error_max"] = float(mean(far)), float(max(far))
             moe = [layer.moe_output_error for layer in self.layers if layer.moe_output_error is not None]
             if moe:
                 out["moe_output_error_mean"], out["moe_output_error_max"] = float(mean(moe)), float(max(moe))
@@ -140,7 +153,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         plan, geo = self.plan, self.plan.geometry
         return {
-            "schema_version": 1,
+            "schema_version": 2,
             "tool": {"name": "mla-convert", "version": VERSION},
             "source": {
                 **({"path": full_path(self.source_label)} if self.report_paths else {}),
@@ -184,6 +197,11 @@ class Report:
                     "attn_output_error": layer.attn_output_error,
                     **(
                         {}
+                        if layer.far_attn_output_error is None
+                        else {"far_attn_output_error": layer.far_attn_output_error}
+                    ),
+                    **(
+                        {}
                         if layer.query_error_before is None
                         else {
                             "query_refit_error_before": layer.query_error_before,
@@ -217,6 +235,7 @@ class Report:
             "evaluation": self.evaluation,
             "finetune": self.finetune,
             "validation": self.validation,
+            "long_eval": self.long_eval,
             "plots": self.plots,
             "verification": self.verification.as_dict() if self.verification else None,
             "warnings": self.warnings if self.report_paths else [strip_paths(w) for w in self.warnings],
@@ -378,6 +397,28 @@ def validation_table(report: dict[str, Any]) -> Table | None:
             "" if row["kl_to_source"] is None else f"{row['kl_to_source']:.4f}",
             "" if row["top1_agreement"] is None else f"{row['top1_agreement']:.1%}",
         )
+    return table
+
+
+def long_eval_table(report: dict[str, Any]) -> Table | None:
+    """Perplexity ratio to the source by position, then passkey accuracy per length, one row per model."""
+    long = report.get("long_eval")
+    if not long or not (long.get("buckets") or long.get("passkey")):
+        return None
+    buckets, passkey = long.get("buckets") or [], long.get("passkey")
+    table = Table(title=f"Long context: ratio to source by position ({long['windows']} x {long['length']} tokens)")
+    table.add_column("model")
+    for b in buckets:
+        table.add_column(f"{b['start']}-{b['end']}", justify="right")
+    if passkey:
+        for n in passkey["lengths"]:
+            table.add_column(f"passkey {n}", justify="right")
+    names = list(passkey["correct"]) if passkey else ["source", *buckets[0]["models"]]
+    for name in names:
+        cells = ["1.000" if name == "source" else f"{b['models'][name]['perplexity_ratio']:.3f}" for b in buckets]
+        if passkey:
+            cells += [f"{c}/{passkey['trials']}" for c in passkey["correct"][name]]
+        table.add_row(name, *cells)
     return table
 
 

@@ -259,6 +259,9 @@ class TextSets:
     notes: list[str]
     train: TokenWindows | None = None  # fine-tune text, disjoint from the evaluation text
     files: list[TextFile] = field(default_factory=list)  # every file or dataset read, in the order read
+    calib_long: TokenWindows | None = None  # long calibration windows (--calib-long-len), from the calibration pool
+    long: TokenWindows | None = None  # long held-out windows scored by position (--long-eval)
+    long_note: str | None = None  # how they were made when not from documents that long
 
 
 def check_lengths(seq_len: int, max_positions: int | None) -> None:
@@ -285,6 +288,10 @@ def text_sets(
     train_seq_len: int = 0,
     hooks: Hooks | None = None,
     sampled_share: float = 0.0,
+    long_len: int = 0,
+    long_windows: int = 0,
+    calib_long_len: int = 0,
+    calib_long_windows: int = 0,
 ) -> TextSets:
     """Build calibration, evaluation and fine-tune windows from files, or sample them from the source model.
 
@@ -293,6 +300,11 @@ def text_sets(
     Evaluation text is sampled from the source model (which needs it whole) only when no file gives it
     and sample_eval says it will be used. With calibration text and sampled_share > 0, that share of the
     calibration windows is sampled from the source instead (the file's windows are still spread over it).
+    With long_windows > 0, up to that many held-out windows of long_len tokens are cut for the long-context
+    validation, from the same held-out text as the evaluation windows (see held_out_long). With
+    calib_long_windows > 0, that many calibration windows of calib_long_len tokens are cut from the calibration
+    text outside its held-out tail (from sampled calibration text: its windows joined), so the fit and the split
+    measurement see far positions.
     """
     check_lengths(seq_len, getattr(source.config, "max_position_embeddings", None))
     tokenizer = source.tokenizer()
@@ -333,6 +345,7 @@ def text_sets(
         if held_out is not None:
             evaluation = _first_tokens(held_out, eval_tokens, seq_len)
     calib: TokenWindows | None = None
+    calib_long: TokenWindows | None = None
     if not need_calib:
         pass
     elif calib_data:
@@ -350,6 +363,10 @@ def text_sets(
             notes.append(f"{more.numel()} of the {calib.tokens} calibration tokens are sampled from the source")
         if evaluation is None and held_out is not None:
             evaluation = _first_tokens(held_out, eval_tokens, seq_len)
+        if calib_long_windows > 0:
+            stream = streams[calib_data]
+            pool = stream[: held_out.held_span[0]] if held_out is not None and held_out.held_span else stream
+            calib_long = _long_calibration(pool, calib_long_len, calib_long_windows, calib.origin)
     else:
         count = max(1, calib_tokens // seq_len)
         notes.append(f"no --calib-data: calibrating on {count * seq_len} tokens sampled from the source model itself")
@@ -357,6 +374,9 @@ def text_sets(
             sample(count, "calibration text (no --calib-data; give a text file to skip this)", seed),
             "sampled from the source",
         )
+        if calib_long_windows > 0:
+            joined = calib.ids.reshape(-1)
+            calib_long = _long_calibration(joined, calib_long_len, calib_long_windows, calib.origin)
     if need_eval and sample_eval and evaluation is None:
         count = max(1, min(eval_tokens, 4096) // seq_len)
         ids = sample(count, "evaluation text (no --eval-data)", seed + 1)
@@ -375,7 +395,70 @@ def text_sets(
             seed,
             notes,
         )
-    return TextSets(calib=calib, evaluation=evaluation, notes=notes, train=train, files=files)
+    long, long_note = None, None
+    if long_windows > 0 and evaluation is not None:
+        long, long_note = held_out_long(evaluation, eval_data, column, tokenizer, streams, long_len, long_windows)
+    return TextSets(
+        calib=calib,
+        evaluation=evaluation,
+        notes=notes,
+        train=train,
+        files=files,
+        calib_long=calib_long,
+        long=long,
+        long_note=long_note,
+    )
+
+
+def _long_calibration(stream: torch.Tensor, length: int, count: int, origin: str) -> TokenWindows:
+    """Up to `count` windows of `length` tokens spread over a calibration stream; one shorter window of the
+    whole stream when it is shorter (the report's calibration section gives what was used)."""
+    windows = cut_windows(stream, length)
+    if windows.shape[0] == 0:
+        return TokenWindows(stream[None].clone(), origin)
+    return TokenWindows(windows[spread(min(count, windows.shape[0]), windows.shape[0])], origin)
+
+
+def held_out_long(
+    evaluation: TokenWindows,
+    eval_data: str | None,
+    column: str,
+    tokenizer: Any,
+    streams: dict[str, torch.Tensor],
+    length: int,
+    count: int,
+) -> tuple[TokenWindows, str | None]:
+    """Up to `count` windows of `length` held-out tokens, and a note when they are not whole documents.
+
+    --eval-data: its documents of at least `length` tokens (each one's opening), else its documents joined
+    (EOS between). The held-out tail of a calibration or fine-tune file: that span of the file, never more
+    (training skips exactly it). Text sampled from the source: its separately sampled windows joined. A text
+    shorter than `length` gives one shorter window, and the note says so."""
+    if eval_data:
+        docs = [torch.tensor(tokenizer(t, add_special_tokens=False).input_ids) for t in read_texts(eval_data, column)]
+        whole = [d[:length] for d in docs if d.numel() >= length][:count]
+        if whole:
+            return TokenWindows(torch.stack(whole), evaluation.origin), None
+        stream = streams[eval_data]
+        note = f"no document of {evaluation.origin} is {length} tokens long: its documents are joined, EOS between"
+        if len(docs) == 1:
+            note = None  # one document shorter than the window: the note below says so
+    elif evaluation.held_span is not None and evaluation.held_from is not None:
+        a, b = evaluation.held_span
+        stream = streams[evaluation.held_from][a:b]
+        note = None
+    else:
+        stream = evaluation.ids.reshape(-1)
+        note = (
+            f"windows of {evaluation.ids.shape[1]} tokens sampled separately from the source, joined: far positions "
+            "follow unrelated text, so this measures how the model copes with far positions, not how it uses them"
+        )
+    windows = cut_windows(stream, length)[:count].clone()  # its own storage: staged beside the evaluation windows
+    if windows.shape[0] == 0:
+        windows = stream[None].clone()
+        short = f"the held-out text holds {stream.numel()} tokens, fewer than {length}: one window of them all"
+        note = "; ".join(n for n in (note, short) if n)
+    return TokenWindows(windows, evaluation.origin), note
 
 
 def _first_tokens(held_out: TokenWindows, tokens: int, seq_len: int) -> TokenWindows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,25 +36,37 @@ OWN_FILES = ("mla_report.json", "README.md", "model.safetensors.index.json")
 T = TypeVar("T")
 
 
-def stage_data(directory: Path, train_text: TokenWindows, evaluation: TokenWindows | None) -> None:
+@dataclass
+class StagedText:
+    """The text a fine-tune and its validation read, kept with the checkpoint (see stage_data)."""
+
+    train: TokenWindows
+    evaluation: TokenWindows | None = None
+    long: TokenWindows | None = None  # long held-out windows of the long-context validation
+    long_note: str | None = None
+
+
+def stage_data(directory: Path, text: StagedText) -> None:
     """Keep the fine-tune and validation windows with the checkpoint, so a resumed run sees the same text."""
     state = directory / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
-    tensors = {"train": train_text.ids.contiguous()}
-    origins = {"train": train_text.origin}
-    if evaluation is not None:
-        tensors["evaluation"] = evaluation.ids.contiguous()
-        origins["evaluation"] = evaluation.origin
+    tensors = {}
+    origins: dict[str, str | None] = {"long_note": text.long_note}
+    for name in ("train", "evaluation", "long"):
+        windows = getattr(text, name)
+        if windows is not None:
+            tensors[name] = windows.ids.contiguous()
+            origins[name] = windows.origin
     save_file(tensors, str(state / "text.safetensors"))
     (state / "text.json").write_text(json.dumps(origins) + "\n")
 
 
-def load_data(model_out: Path) -> tuple[TokenWindows, TokenWindows | None]:
+def load_data(model_out: Path) -> StagedText:
     state = model_out / STATE_DIR
     tensors = load_file(str(state / "text.safetensors"))
     origins = json.loads((state / "text.json").read_text())
-    evaluation = TokenWindows(tensors["evaluation"], origins["evaluation"]) if "evaluation" in tensors else None
-    return TokenWindows(tensors["train"], origins["train"]), evaluation
+    found = {name: TokenWindows(tensors[name], origins[name]) for name in ("evaluation", "long") if name in tensors}
+    return StagedText(TokenWindows(tensors["train"], origins["train"]), **found, long_note=origins.get("long_note"))
 
 
 def main_process_first(fn: Callable[[], T], enabled: bool) -> T | None:
