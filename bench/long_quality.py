@@ -25,8 +25,9 @@ from machine import machine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mla_convert.evaluate.long_context import measure
+from mla_convert.evaluate.metrics import compare_many
 from mla_convert.plan.long_eval import LongEvalPlan, passkey_lengths
-from mla_convert.source.text import TokenWindows, held_out_long, read_texts, token_stream
+from mla_convert.source.text import TokenWindows, cut_windows, held_out_long, read_texts, token_stream
 
 
 def main() -> None:
@@ -37,7 +38,12 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--passkey-lengths", type=int, nargs="*", help="default: 1K, 2K, ... up to --length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--short-data", nargs="*", default=[], help="texts also scored as the validation does: 256-token windows"
+    )
+    parser.add_argument("--short-tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
@@ -53,6 +59,13 @@ def main() -> None:
     started = time.monotonic()
     result = measure(plan, source, models, windows.ids, windows.origin, note, tokenizer, args.seed).as_dict()
     result["seconds"] = time.monotonic() - started
+    result["short"] = {}
+    for path in args.short_data:
+        ids = cut_windows(token_stream(read_texts(path), tokenizer), 256)[: args.short_tokens // 256]
+        compared = compare_many(source, models, ids)
+        result["short"][Path(path).name] = {name: c.as_dict() for name, c in compared.items()}
+        for name, c in compared.items():
+            print(f"{name} on {Path(path).name}: ratio {c.ppl_ratio:.3f} KL {c.kl:.3f} top-1 {c.top1_agreement:.1%}")
     result["machine"] = machine()
     for name, s in result["spans"]["models"].items():
         print(f"{name}: near {s['near_ratio']:.3f}x far {s['far_ratio']:.3f}x far/near {s['far_over_near']:.3f}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,22 +111,17 @@ class PositionSums:
 
 
 @torch.no_grad()
-def position_sums(source: Any, models: dict[str, Any], windows: torch.Tensor) -> tuple[PositionSums, dict, float]:
+def position_sums(source: Any, models: dict[str, Any], windows: torch.Tensor) -> tuple[PositionSums, dict]:
     """Run the source and each model over every window [count, T]; sums per prediction position (T - 1 of
-    them), and the seconds one model's forward over one window took (the last model's, as measured)."""
+    them)."""
     count, length = windows.shape
     src = PositionSums(torch.zeros(length - 1, dtype=torch.float64))
     out = {name: PositionSums(*(torch.zeros(length - 1, dtype=torch.float64) for _ in range(3))) for name in models}
-    seconds = 0.0
     for w in range(count):
         ids = windows[w : w + 1]
         target = ids[0, 1:]
         src_hidden = final_hidden(source, ids)
-        hidden = {}
-        for name, model in models.items():
-            started = time.monotonic()
-            hidden[name] = final_hidden(model, ids)
-            seconds = time.monotonic() - started
+        hidden = {name: final_hidden(model, ids) for name, model in models.items()}
         for first in range(0, length - 1, CHUNK):
             last = min(first + CHUNK, length - 1)
             ref = head_log_probs(source, src_hidden[0, first:last].to(source.device)).cpu()
@@ -140,7 +134,7 @@ def position_sums(source: Any, models: dict[str, Any], windows: torch.Tensor) ->
                 sums.nll[first:last] -= got.gather(-1, picked)[:, 0].double()
                 sums.kl[first:last] += (ref.exp() * (ref - got)).sum(-1).double()
                 sums.agree[first:last] += (ref.argmax(-1) == got.argmax(-1)).double()
-    return src, out, seconds
+    return src, out
 
 
 def _ppl(nll: torch.Tensor, count: int) -> float:
@@ -159,7 +153,6 @@ class LongEval:
     buckets: list[dict[str, Any]] = field(default_factory=list)
     spans: dict[str, Any] = field(default_factory=dict)  # near and far ratio per model, and far / near
     passkey: dict[str, Any] | None = None
-    forward_seconds: float | None = None  # one model's forward over one long window
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -226,7 +219,7 @@ def measure(
     if windows is not None and windows.shape[0] and windows.shape[1] > 1:
         windows = windows[: plan.windows]
         result.windows, result.length = int(windows.shape[0]), int(windows.shape[1])
-        src, sums, result.forward_seconds = position_sums(source, models, windows)
+        src, sums = position_sums(source, models, windows)
         result.buckets, result.spans = by_position(src, sums, windows.shape[0])
     if tokenizer is not None:
         try:

@@ -49,8 +49,8 @@ Schema of mla_report.json (version 2; version 1 had no long_eval):
             windows were made when not from documents that long, or why there is no passkey), buckets [{start, end,
             source_perplexity, models {model: {perplexity, perplexity_ratio, kl_to_source, top1_agreement}}}],
             spans {near [start, end], far [start, end], models {model: {near_ratio, far_ratio, far_over_near}}},
-            passkey {lengths, trials, depths, correct {model (the source first): [correct per length]}} or null,
-            forward_seconds (one model, one window)} or null with --long-eval off or --no-validate,
+            passkey {lengths, trials, depths, correct {model (the source first): [correct per length]}} or null}
+            or null with --long-eval off or --no-validate (no time in it: identical runs write identical reports),
   plots [file names of the PNGs beside the checkpoint],
   resources {peak_rss_bytes, seconds} of the run that wrote the report (the only part that varies between
             identical runs; the model card leaves it out),
