@@ -24,7 +24,7 @@ import torch
 from machine import machine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mla_convert.evaluate.long_context import measure
+from mla_convert.evaluate.long_context import measure, passkey_table
 from mla_convert.evaluate.metrics import compare_many
 from mla_convert.plan.long_eval import LongEvalPlan, passkey_lengths
 from mla_convert.source.text import TokenWindows, cut_windows, held_out_long, read_texts, token_stream
@@ -55,10 +55,21 @@ def main() -> None:
     windows, note = held_out_long(
         evaluation, args.eval_data, "text", tokenizer, {args.eval_data: stream}, args.length, args.windows
     )
-    plan = LongEvalPlan("full", args.length, args.windows, passkey_lengths(args.length), args.trials)
+    lengths = tuple(args.passkey_lengths or passkey_lengths(args.length))
+    plan = LongEvalPlan("full", args.length, args.windows, lengths, args.trials)
     started = time.monotonic()
-    result = measure(plan, source, models, windows.ids, windows.origin, note, tokenizer, args.seed).as_dict()
+    result = measure(plan, source, models, windows.ids, windows.origin, note, None, args.seed).as_dict()
+    for name, s in result["spans"]["models"].items():
+        print(f"{name}: near {s['near_ratio']:.3f}x far {s['far_ratio']:.3f}x far/near {s['far_over_near']:.3f}")
+    for b in result["buckets"]:
+        print(b["start"], b["end"], {name: round(m["perplexity_ratio"], 3) for name, m in b["models"].items()})
+    sys.stdout.flush()
+    result["note"] = note  # measure() without a tokenizer notes that it asked no passkey: they come next
+    result["passkey"] = passkey_table(plan, {"source": source, **models}, tokenizer, args.seed)
+    for name, correct in result["passkey"]["correct"].items():
+        print(f"{name}: passkey {correct} of {args.trials} at {result['passkey']['lengths']}")
     result["seconds"] = time.monotonic() - started
+    result["machine"] = machine()
     result["short"] = {}
     for path in args.short_data:
         ids = cut_windows(token_stream(read_texts(path), tokenizer), 256)[: args.short_tokens // 256]
@@ -66,11 +77,6 @@ def main() -> None:
         result["short"][Path(path).name] = {name: c.as_dict() for name, c in compared.items()}
         for name, c in compared.items():
             print(f"{name} on {Path(path).name}: ratio {c.ppl_ratio:.3f} KL {c.kl:.3f} top-1 {c.top1_agreement:.1%}")
-    result["machine"] = machine()
-    for name, s in result["spans"]["models"].items():
-        print(f"{name}: near {s['near_ratio']:.3f}x far {s['far_ratio']:.3f}x far/near {s['far_over_near']:.3f}")
-    for name, correct in result["passkey"]["correct"].items():
-        print(f"{name}: passkey {correct} of {args.trials} at {result['passkey']['lengths']}")
     if args.out:
         found = json.loads(args.out.read_text()) if args.out.is_file() else {}
         found[",".join(models)] = result
