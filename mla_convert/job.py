@@ -50,8 +50,6 @@ from .write.writer import (
     write_text,
 )
 
-LONG_CALIB_LEN = 4096  # the default long calibration window, where the source's context allows
-
 
 def plan_for(
     source: Source,
@@ -352,11 +350,10 @@ def _train_tokens(options: Options, settings: TrainSettings | None) -> int:
 
 
 def calib_long_len(source: Source, options: Options) -> int:
-    """Tokens per long calibration window: --calib-long-len, else the source's context up to 4096; 0 when no
-    window would be longer than the short ones."""
-    length = options.calib_long_len
-    if length is None:
-        length = min(getattr(source.config, "max_position_embeddings", None) or LONG_CALIB_LEN, LONG_CALIB_LEN)
+    """Tokens per long calibration window: --calib-long-len up to the source's context; 0 when none is asked
+    for or none would be longer than the short windows."""
+    context = getattr(source.config, "max_position_embeddings", None)
+    length = min(options.calib_long_len, context) if context else options.calib_long_len
     return length if length > options.calib_seq_len else 0
 
 

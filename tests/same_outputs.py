@@ -22,9 +22,9 @@ GOLDEN = DATA / "same_outputs.json"
 # Every written file except the ones that carry wall-clock times and local paths by design.
 VOLATILE = {"mla_report.json", "README.md", "mla_convert_log.txt"}
 
-# The recorded bytes are the fit without long calibration windows (issue 30 made them the default): the machines
-# recorded before it keep guarding the conversion's math, which `--calib-long-len 0` leaves byte for byte as it
-# was. The long-context validation writes no hashed file (its plot is a PNG), so it is off to save time.
+# The recorded bytes are the fit without long calibration windows (`--calib-long-len 0`, the default, which leaves
+# the conversion byte for byte as it was before issue 30). The long-context validation writes no hashed file (its
+# plot is a PNG), so it is off to save time.
 RECORDED_FIT = ["--calib-long-len", "0", "--long-eval", "off"]
 TINY_FLAGS = [
     "--kv-budget", "0.5", "--layer-steps", "3", "--calib-tokens", "1024", "--calib-seq-len", "32",

@@ -122,8 +122,6 @@ def test_compressed_smollm2_loads_generates_and_caches_the_latent(smollm2, conve
     assert long["mode"] == "quick" and long["passkey"]["lengths"] == [1024, 2048, 4096]
     assert long["passkey"]["correct"]["source"][0] >= 1  # SmolLM2 finds a key in 1K tokens (4 of 4 measured)
     assert long["windows"] == 1 and "fewer than 4096" in long["note"] and long["buckets"]
-    assert report["calibration"]["long_windows"]["count"] == 1
-    assert all(layer["far_attn_output_error"] > 0 for layer in report["layers"])
     assert "## Long context" in card and (out / "long_context.png").is_file()
 
 
