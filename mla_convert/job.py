@@ -234,6 +234,7 @@ def _convert_stage(
     whole_fit = whole_models_fit(source)  # else verification and validation are skipped, with a warning
     need_eval = calibrated or (options.validate and whole_fit)
     long_plan = long_eval_of(source, options)
+    long_calib = calib_long_len(source, options)
     texts: TextSets | None = None
     if need_eval or options.eval_data or training:
         hooks.on_stage("preparing calibration text" if calibrated else "preparing text")
@@ -256,8 +257,8 @@ def _convert_stage(
             sampled_share=options.calib_sampled,
             long_len=long_plan.length if long_plan is not None else 0,
             long_windows=long_plan.windows if long_plan is not None else 0,
-            calib_long_len=calib_long_len(source, options),
-            calib_long_windows=options.calib_long_windows if calib_long_len(source, options) else 0,
+            calib_long_len=long_calib,
+            calib_long_windows=options.calib_long_windows if long_calib else 0,
         )
     long_ids = texts.calib_long.ids if texts is not None and texts.calib_long is not None else None
     if calibrated:
