@@ -4,19 +4,18 @@
     print(dry_run("SmolLM2-135M-Instruct.Q4_1.gguf", kv_budget=0.25)["kv_cache"])
     report = convert("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-mla", kv_budget=0.25)
 
-Both take an `Options` object, or its fields as keywords (`kv_budget=0.25, finetune_steps=0`), or both (the
-keywords win). Problems with the input raise `ConversionError` with a one-line message.
+Both take an `Options` object, or the command line's flags as keywords, named as the flags are with underscores
+for dashes (`kv_budget=0.25, finetune_steps=0, train="all", train_seq_len=512`), or both (the keywords win). Problems
+with the input, a wrong keyword or a value of the wrong type included, raise `ConversionError` with a one-line message.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConversionError
 from .hooks import Hooks
-from .options import Options, TrainSettings, check_options
+from .options import Options, check_options, with_flags
 from .source.paths import check_paths
 
 
@@ -48,7 +47,7 @@ def dry_run(
         check_paths(str(model_in), Path(model_out), options.force)
     from .job import preview
 
-    return preview(str(model_in), options, None if model_out is None else Path(model_out))
+    return preview(str(model_in), options)
 
 
 def verify_output(model_out: str | Path) -> dict[str, Any]:
@@ -61,13 +60,5 @@ def verify_output(model_out: str | Path) -> dict[str, Any]:
 
 
 def with_settings(options: Options | None, settings: dict[str, Any]) -> Options:
-    """`options` (default: Options()) with keyword settings applied; fine-tune ones go into `train`."""
-    options = options or Options()
-    top = {f.name for f in fields(Options)}
-    inner = {f.name for f in fields(TrainSettings)}
-    unknown = sorted(set(settings) - top - inner)
-    if unknown:
-        raise ConversionError(f"unknown option(s): {', '.join(unknown)}")
-    base = settings.get("train", options.train)
-    train = replace(base, **{k: v for k, v in settings.items() if k in inner and k not in top})
-    return replace(options, **{k: v for k, v in settings.items() if k in top and k != "train"}, train=train)
+    """`options` (default: Options()) with keyword settings, named as the command line's flags, applied."""
+    return with_flags(options or Options(), settings)

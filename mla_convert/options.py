@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
+from .profiles import ENGINE_WIDTHS, METHOD_RULES, PROFILES, method, profile
 
 COMPRESSION = "Compression"
 TEXT = "Calibration and evaluation text"
@@ -22,9 +23,9 @@ FINETUNE = "Fine-tune"
 OUTPUT = "Output and serving"
 RUNTIME = "Runtime"
 
-TARGETS = ("portable", "transformers")
-METHODS = ("activation", "svd")
-ENGINES = ("vllm",)  # --engine: widths fixed by what the engine's kernels run
+TARGETS = tuple(PROFILES)
+METHODS = tuple(METHOD_RULES)
+ENGINES = tuple(ENGINE_WIDTHS)  # --engine: widths fixed by what the engine's kernels run
 GGUF_TYPES = ("f32", "bf16", "q8_0")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "auto")
@@ -47,11 +48,6 @@ FINETUNE_DEFAULTS = {"cpu": (40, 4), "cuda": (100, 8)}
 def _per_device(field_index: int) -> str:
     """'40 on cpu, 100 on cuda': one of FINETUNE_DEFAULTS' numbers for each device, for the help text."""
     return ", ".join(f"{numbers[field_index]} on {device}" for device, numbers in FINETUNE_DEFAULTS.items())
-
-
-# What --engine vllm writes: the latent and rotary widths of DeepSeek's own checkpoints, the only ones vLLM's
-# CPU and fast GPU MLA kernels run (plan/serving.py says which engine runs what).
-VLLM_LATENT, VLLM_ROPE = 512, 64
 
 
 def flag(default: Any, help: str, panel: str, *, name: str | None = None, choices: tuple[str, ...] = ()) -> Any:
@@ -283,7 +279,9 @@ def finetune_defaults(options: Options, device: str) -> Options:
 
 
 def check_options(options: Options) -> None:
-    """Refuse every bad flag that needs no model, with one line that says how to fix it."""
+    """Refuse every bad flag that needs no model, with one line that says how to fix it. The only check of the
+    options: everything downstream trusts a checked Options."""
+    check_types(options)
     _check_choice("target", options.target, TARGETS)
     _check_choice("method", options.method, METHODS)
     _check_choice("dtype", options.dtype, DTYPE_NAMES)
@@ -298,10 +296,8 @@ def check_options(options: Options) -> None:
         raise ConversionError(FLOAT16_REFUSED)
     if options.engine is not None:
         check_engine(options.engine, options.target, options.kv_rank, options.rope_dim)
-    if options.gguf and options.target == "transformers":
-        raise ConversionError(
-            "--gguf needs --target portable: llama.cpp computes the portable profile only; drop --target transformers"
-        )
+    if options.gguf:
+        profile(options.target).refuse_gguf()
     max_shard_bytes(options.max_shard_size)
     if options.memory is not None:
         size_bytes(options.memory, "--memory")
@@ -326,7 +322,7 @@ def check_options(options: Options) -> None:
         )
     if options.layer_steps < 0:
         raise ConversionError(f"--layer-steps must be 0 (closed form only) or positive, got {options.layer_steps}")
-    if options.layer_steps and options.method != "activation":
+    if options.layer_steps and not method(options.method).fits_activations:
         raise ConversionError("--layer-steps fits layers to calibration text; it needs --method activation")
     if options.save_every < 0:
         raise ConversionError(f"--save-every must be positive (0: only at the end), got {options.save_every}")
@@ -336,7 +332,9 @@ def check_options(options: Options) -> None:
         if spec is not None:
             check_text_spec(spec)
     if options.finetune_steps != 0:
-        check_settings(replace(finetune_defaults(options, "cpu").train, steps=options.finetune_steps or 1), None)
+        # the defaults depend on the device; "auto" is resolved with torch, after this check (job.resolved)
+        device = "cpu" if options.device == "auto" else options.device
+        check_settings(replace(finetune_defaults(options, device).train, steps=options.finetune_steps or 1))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...], note: str = "") -> None:
@@ -364,24 +362,24 @@ def check_ranks(kv_budget: float | None, kv_rank: int | None, rope_dim: int | No
 def check_engine(engine: str, target: str, kv_rank: int | None, rope_dim: int | None) -> None:
     """--engine fixes the widths; the flags that contradict them are refused before any work."""
     _check_choice("engine", engine, ENGINES)
-    layout = f"latent {VLLM_LATENT} + rotary {VLLM_ROPE}, the layout vLLM's MLA kernels run"
-    if target != "portable":
+    ENGINE_WIDTHS[engine].refuse(target, kv_rank, rope_dim)
+
+
+def check_context(options: Options, max_positions: int | None, training: bool) -> None:
+    """The window lengths against the model's context: the part of the options check that needs the config."""
+    if max_positions is None:
+        return
+    if training and options.train.seq_len > max_positions:
         raise ConversionError(
-            "--engine vllm needs --target portable: vLLM replaces the transformers profile's rotary frequencies "
-            "and drops its biases; to resolve, drop --target transformers"
+            f"--train-seq-len {options.train.seq_len} is longer than the model's context ({max_positions})"
         )
-    if rope_dim is not None and rope_dim != VLLM_ROPE:
+    if options.calib_seq_len > max_positions:
         raise ConversionError(
-            f"--engine vllm fixes the rotary key at {VLLM_ROPE} ({layout}), got --rope-dim {rope_dim}; "
-            "to resolve, drop --rope-dim"
-        )
-    if kv_rank is not None and kv_rank > VLLM_LATENT:
-        raise ConversionError(
-            f"--kv-rank {kv_rank} does not fit the {VLLM_LATENT}-wide latent of --engine vllm ({layout})"
+            f"--calib-seq-len {options.calib_seq_len} is longer than the model's context ({max_positions})"
         )
 
 
-def check_settings(s: TrainSettings, max_positions: int | None) -> None:
+def check_settings(s: TrainSettings) -> None:
     """Refuse impossible fine-tune settings before any work is done."""
     if s.steps <= 0:
         raise ConversionError(f"--finetune-steps must be positive (0 skips the fine-tune), got {s.steps}")
@@ -394,8 +392,6 @@ def check_settings(s: TrainSettings, max_positions: int | None) -> None:
         raise ConversionError(f"--distill-weight must be between 0 and 1, got {s.distill_weight}")
     if s.seq_len < 16:
         raise ConversionError(f"--train-seq-len must be at least 16, got {s.seq_len}")
-    if max_positions is not None and s.seq_len > max_positions:
-        raise ConversionError(f"--train-seq-len {s.seq_len} is longer than the model's context ({max_positions})")
     if s.warmup_steps is not None and s.warmup_steps < 0:
         raise ConversionError(f"--warmup-steps must not be negative, got {s.warmup_steps}")
     per_process_windows(s, int(os.environ.get("WORLD_SIZE", "1")))
@@ -447,6 +443,57 @@ def cli_fields() -> list[tuple[str, Any, dict[str, Any]]]:
         elif f.metadata:
             out.append((f.name, f.default, dict(f.metadata)))
     return out
+
+
+def flag_paths() -> dict[str, str]:
+    """{flag name with underscores: field path} ("kv_budget": "kv_budget", "train_seq_len": "train.seq_len")."""
+    return {(meta["name"] or path.rpartition(".")[2]).replace("-", "_"): path for path, _, meta in cli_fields()}
+
+
+def with_flags(options: Options, values: dict[str, Any]) -> Options:
+    """`options` with {flag name with underscores: value} applied, as the API's keywords give them; an unknown
+    name or a value of the wrong type is one ConversionError line. `train=` may also be a whole TrainSettings."""
+    if isinstance(values.get("train"), TrainSettings):
+        values = dict(values)
+        options = replace(options, train=values.pop("train"))
+    paths = flag_paths()
+    unknown = sorted(set(values) - set(paths))
+    if unknown:
+        raise ConversionError(f"unknown option(s): {', '.join(unknown)} (the API's keywords are the flags' names)")
+    top = {paths[k]: v for k, v in values.items() if not paths[k].startswith("train.")}
+    inner = {paths[k].removeprefix("train."): v for k, v in values.items() if paths[k].startswith("train.")}
+    changed = replace(options, **top, train=replace(options.train, **inner))
+    check_types(changed)
+    return changed
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_types(options: Options) -> None:
+    """Every setting holds a value of its declared type (one line naming the flag otherwise): the API takes
+    keywords and whole Options objects, which nothing else types."""
+    for path, _, meta in [*cli_fields(), *((f.name, None, {"name": None}) for f in fields(Options) if not f.metadata)]:
+        holder, name = (options.train, path[6:]) if path.startswith("train.") else (options, path)
+        if name == "train":
+            continue
+        value = getattr(holder, name)
+        declared = next(f.type for f in fields(holder) if f.name == name)
+        allowed = [t.strip() for t in str(declared).split("|")]
+        if value is None and "None" in allowed:
+            continue
+        if any(
+            isinstance(value, _TYPES[t]) and not (isinstance(value, bool) and t != "bool")
+            for t in allowed
+            if t in _TYPES
+        ):
+            continue
+        flag_name = (meta["name"] or name).replace("_", "-")
+        wanted = " or ".join(
+            {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false", "None": "None"}.get(t, t)
+            for t in allowed
+        )
+        raise ConversionError(f"--{flag_name} must be {wanted}, got {value!r}")
 
 
 def from_flags(values: dict[str, Any]) -> Options:

@@ -121,7 +121,7 @@ def test_the_cli_is_a_thin_layer_over_the_api(cli, tiny_llama, tmp_path, monkeyp
     assert result.exit_code == 2 and "stopped by the test" in result.stderr
     expected = api.with_settings(
         None,
-        dict(kv_budget=0.3, method="svd", scope="all", lr=0.002, batch_size=2, micro_batch_size=1, seq_len=64,
+        dict(kv_budget=0.3, method="svd", train="all", lr=0.002, batch_size=2, micro_batch_size=1, train_seq_len=64,
              verify=False, gguf="bf16", max_shard_size="2GB", seed=7, calib_tokens=512),
     )  # fmt: skip
     assert seen["options"] == expected and seen["model_in"] == str(tiny_llama)

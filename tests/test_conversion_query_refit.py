@@ -11,7 +11,8 @@ from mla_convert.conversion.calibrator import SequentialCalibrator
 from mla_convert.conversion.driver import layer_tensors
 from mla_convert.conversion.layer_fit import batched, build_layer, relative
 from mla_convert.conversion.query_refit import logits, queries_and_keys, refit_queries
-from mla_convert.job import Options, plan_for, run
+from mla_convert.job import Options, run
+from mla_convert.plan.plan import plan_for
 from mla_convert.source.checkpoint import resolve
 
 from .conftest import QUICK_CALIB
@@ -21,7 +22,7 @@ from .helpers import max_logit_diff, random_ids
 def layer_zero(model_dir, kv_rank: int | None, rope_dim: int | None):  # type: ignore[no-untyped-def]
     """Layer 0 converted in closed form, its calibration inputs, the source attention and its output."""
     source = resolve(str(model_dir))
-    plan = plan_for(source, Options(kv_rank=kv_rank, rope_dim=rope_dim))
+    plan = plan_for(source.config, Options(kv_rank=kv_rank, rope_dim=rope_dim))
     ids = torch.randint(0, 256, (24, 32), generator=torch.Generator().manual_seed(0))
     calibrator = SequentialCalibrator(source, plan, ids)
     cov = calibrator.covariance(0)

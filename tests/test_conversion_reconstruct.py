@@ -13,7 +13,8 @@ from mla_convert.conversion.calibrator import SequentialCalibrator
 from mla_convert.conversion.driver import layer_tensors
 from mla_convert.conversion.layer_fit import batched, build_layer, relative
 from mla_convert.conversion.reconstruct import reconstruct
-from mla_convert.job import Options, plan_for, run
+from mla_convert.job import Options, run
+from mla_convert.plan.plan import plan_for
 from mla_convert.source.checkpoint import resolve
 
 from .conftest import QUICK_CALIB
@@ -23,7 +24,7 @@ from .helpers import max_logit_diff, random_ids
 def first_layer(model_dir, kv_rank: int = 8, rope_dim: int = 8, windows: int = 48):  # type: ignore[no-untyped-def]
     """Layer 0 of a compressed conversion, its calibration inputs and the source output it should match."""
     source = resolve(str(model_dir))
-    plan = plan_for(source, Options(kv_rank=kv_rank, rope_dim=rope_dim))
+    plan = plan_for(source.config, Options(kv_rank=kv_rank, rope_dim=rope_dim))
     ids = torch.randint(0, 256, (windows, 32), generator=torch.Generator().manual_seed(0))
     calibrator = SequentialCalibrator(source, plan, ids)
     cov = calibrator.covariance(0)

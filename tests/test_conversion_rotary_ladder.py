@@ -8,10 +8,11 @@ from dataclasses import replace
 import torch
 from transformers import LlamaConfig
 
-from mla_convert.conversion.budget import full_size_candidates, score_candidates
-from mla_convert.job import Options, plan_for
+from mla_convert.conversion.budget import score_candidates
+from mla_convert.job import Options
 from mla_convert.mla.rotary import near_slots, source_inv_freq
-from mla_convert.plan.plan import make_plan
+from mla_convert.plan.plan import make_plan, plan_for
+from mla_convert.plan.split import full_size_candidates
 from mla_convert.source.checkpoint import resolve
 
 from .conftest import COMMON, build_tiny
@@ -63,9 +64,9 @@ def test_dense_ladders_cut_the_full_size_attention_error(tmp_path) -> None:
     options = Options(finetune_steps=0)
 
     def make(rope_dim: int, kv_rank: int, stride: int, density: int = 1):
-        return plan_for(source, replace(options, rope_dim=rope_dim, kv_rank=kv_rank), None, stride, density)
+        return plan_for(source.config, replace(options, rope_dim=rope_dim, kv_rank=kv_rank), None, stride, density)
 
-    plan = plan_for(source, options)
+    plan = plan_for(source.config, options)
     candidates = full_size_candidates(make, plan, 32, 4)
     assert [(c.rope_dim, c.kv_rank, c.density, c.compressed) for c in candidates] == [
         (32, 224, 1, False),

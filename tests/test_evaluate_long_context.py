@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mla_convert import Options, convert
-from mla_convert.conversion.budget import Scored, pick, score_candidates
+from mla_convert.conversion.budget import score_candidates
 from mla_convert.evaluate.long_context import (
     ANSWER_TOKENS,
     FILLER,
@@ -24,8 +24,10 @@ from mla_convert.evaluate.long_context import (
     passkey_keys,
     passkey_prompt,
 )
-from mla_convert.job import plan_for, preview
+from mla_convert.job import preview
 from mla_convert.plan.long_eval import bucket_edges, long_eval_plan, near_far, passkey_lengths
+from mla_convert.plan.plan import plan_for
+from mla_convert.plan.split import Scored, pick
 from mla_convert.source.checkpoint import resolve
 from mla_convert.source.text import text_sets
 
@@ -191,8 +193,8 @@ def test_calibration_takes_long_windows_outside_the_held_out_tail(text_model: Pa
 
 def test_a_split_that_wins_near_and_loses_far_loses_the_selection(text_model: Path) -> None:
     source = resolve(str(text_model), False)
-    near_winner = plan_for(source, Options(kv_rank=24, rope_dim=8))
-    far_winner = plan_for(source, Options(kv_rank=16, rope_dim=16))
+    near_winner = plan_for(source.config, Options(kv_rank=24, rope_dim=8))
+    far_winner = plan_for(source.config, Options(kv_rank=16, rope_dim=16))
     best, reason = pick([Scored(near_winner, 0.10, far_error=0.30), Scored(far_winner, 0.15, far_error=0.16)])
     assert best is far_winner and "far 0.3000" in reason and "ranked by the worse" in reason
     best, _ = pick([Scored(near_winner, 0.10), Scored(far_winner, 0.15)])
@@ -201,7 +203,7 @@ def test_a_split_that_wins_near_and_loses_far_loses_the_selection(text_model: Pa
 
 def test_the_split_measurement_and_the_fit_score_far_positions(text_model: Path, tmp_path: Path) -> None:
     source = resolve(str(text_model), False)
-    plans = [plan_for(source, Options(kv_rank=24, rope_dim=8)), plan_for(source, Options(kv_rank=16, rope_dim=16))]
+    plans = [plan_for(source.config, Options(kv_rank=r, rope_dim=d)) for r, d in ((24, 8), (16, 16))]
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     long_ids = torch.randint(0, 300, (1, 256), generator=torch.Generator().manual_seed(1))
     scored = score_candidates(source, plans, ids, long_ids=long_ids)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mla_convert.conversion.driver import convert
-from mla_convert.job import Options, plan_for
+from mla_convert.job import Options
+from mla_convert.plan.plan import plan_for
 from mla_convert.source.checkpoint import Source, resolve
 from mla_convert.source.layers import SourceLayers
 from mla_convert.util import resources
@@ -144,7 +145,7 @@ def test_streaming_a_sharded_checkpoint_equals_the_in_memory_path(cli, tiny_llam
     assert set(index["weight_map"]) == set(written)
 
     source = in_memory_source(model_in)
-    plan = plan_for(source, Options(kv_budget=0.5, method="svd"))
+    plan = plan_for(source.config, Options(kv_budget=0.5, method="svd"))
     held: dict[str, torch.Tensor] = {}
     convert(source, plan, lambda name, tensor: held.__setitem__(name, tensor.to(plan.dtype).contiguous()))
     assert set(held) == set(written)

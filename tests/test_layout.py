@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mla_convert"
-FACES = {"api", "cli", "options", "job", "errors", "hooks", "progress"}
+# the faces, and the low modules every stage reads (options, profiles, errors, hooks, progress)
+FACES = {"api", "cli", "options", "profiles", "job", "errors", "hooks", "progress"}
 MAX_TOP_LEVEL = 8  # modules beside __init__.py
 
 

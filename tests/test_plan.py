@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig
 
 from mla_convert.errors import ConversionError
+from mla_convert.options import Options, check_options
 from mla_convert.plan.plan import make_plan
 
 SMOLLM2 = dict(
@@ -63,12 +64,25 @@ def test_a_portable_rotary_key_wider_than_head_dim_is_a_dense_ladder():
         ({"rope_dim": 194}, "wider than the portable profile can fill: at most 192"),
         ({"rope_dim": 200, "target": "transformers"}, "larger than the lossless width 192"),
         ({"kv_budget": 0.005}, "too few"),
-        ({"target": "vllm"}, "--target must be one of"),
     ],
 )
 def test_invalid_requests_are_refused(kwargs, fragment):
     with pytest.raises(ConversionError, match=fragment):
         make_plan(LlamaConfig(**SMOLLM2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"target": "vllm"}, "--target must be one of"),
+        ({"engine": "vllm", "rope_dim": 32}, "fixes the rotary key at 64"),
+        ({"engine": "vllm", "kv_rank": 600}, "does not fit the 512-wide latent"),
+        ({"engine": "vllm", "target": "transformers"}, "needs --target portable"),
+    ],
+)
+def test_requests_refused_without_a_model_are_refused_by_the_options_check(kwargs, fragment):
+    with pytest.raises(ConversionError, match=fragment):
+        check_options(Options(**kwargs))
 
 
 LLAMA3_8B = dict(
@@ -112,10 +126,7 @@ def test_engine_vllm_pads_a_narrow_rotary_key_without_losing_frequencies():
     [
         (SMOLLM2, {"kv_budget": 0.5}, "--engine vllm holds 576 cache elements per token per layer"),
         (LLAMA3_8B, {"kv_budget": 0.25}, "allows 512 of this model's 2048"),
-        (SMOLLM2, {"rope_dim": 32}, "fixes the rotary key at 64"),
-        (SMOLLM2, {"kv_rank": 600}, "does not fit the 512-wide latent"),
         (SMOLLM2, {"kv_rank": 321}, "between 1 and 320"),
-        (SMOLLM2, {"target": "transformers"}, "needs --target portable"),
     ],
 )
 def test_engine_requests_vllm_cannot_serve_are_refused(config, kwargs, fragment):

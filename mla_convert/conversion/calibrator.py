@@ -65,7 +65,6 @@ class SequentialCalibrator:
                 seq = long_ids.shape[1]
                 self.far = FarWindows(h, rotary(embedding, h[:1], seq), rotary(self.source.rotary, h[:1], seq))
         self._x: torch.Tensor | None = None
-        self.refit_output = plan.refit_output
         self.layer_steps = layer_steps
         self.query_refit = query_refit
 
@@ -105,11 +104,10 @@ class SequentialCalibrator:
             refit = refit_queries(layer.self_attn, src_attn, x, self.ds_pos, self.src_pos, ref, far=far)
             stats.query_error_before, stats.query_error_after = refit.before, refit.after
             tensors[prefix + "q_proj.weight"] = layer.self_attn.q_proj.weight.detach().clone()
-        if self.refit_output:
-            parts = [(o_proj_inputs(layer.self_attn, x, self.ds_pos), ref)]
-            if far is not None:
-                parts.append((far.inputs(layer.self_attn), far.target()))
-            refit_output_projection(layer.self_attn, parts, tensors, index)
+        parts = [(o_proj_inputs(layer.self_attn, x, self.ds_pos), ref)]
+        if far is not None:
+            parts.append((far.inputs(layer.self_attn), far.target()))
+        refit_output_projection(layer.self_attn, parts, tensors, index)
         if self.layer_steps > 0:
             fit = reconstruct(layer, x, ref, self.ds_pos, self.layer_steps)
             stats.reconstruction_steps = fit.steps

@@ -20,7 +20,7 @@ from ..mla.head_norm import input_second_moment, linearized
 from ..mla.latent_norm import attention_input_bound
 from ..mla.layout import attention_tensors
 from ..mla.routing import proxy_logits, renormalization_scale
-from ..plan.plan import Geometry, Plan
+from ..plan.plan import Geometry, KeyEnergy, Plan
 from ..source.canonical import Canonical, canonical
 from ..source.checkpoint import Source
 from ..source.families import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
@@ -136,6 +136,11 @@ def key_energies(
     return torch.stack(out)
 
 
+def source_key_energy(source: Source, covariances: list[torch.Tensor] | None = None) -> KeyEnergy:
+    """key_energies of this source (weighted by these input moments, if any), as plan/ calls them."""
+    return lambda geo, keep_bias, dtype: key_energies(source, geo, keep_bias, covariances, dtype)
+
+
 def layer_tensors(
     source: Source,
     plan: Plan,
@@ -163,7 +168,7 @@ def layer_tensors(
         q_nope = form.q[:, : geo.head_dim]
         o_proj = o_source.to(device=device, dtype=work, copy=True)  # o_source is rescaled in place below
         k_blocks, v_blocks = kv_row_metric(q_nope, o_proj, cov, geo.kv_heads, geo.head_dim)
-        factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, plan.key_weight, cov_root)
+        factors = activation_factors(form.kv, cov, k_blocks, v_blocks, plan.kv_rank, cov_root=cov_root)
     input_norm = view.get(f"{_layer_name('input_norm', i)}.weight").to(torch.float64)
     attn = attention_tensors(
         form,

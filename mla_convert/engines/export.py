@@ -5,16 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConversionError
 
-
-def check_gguf_request(target: str, source_root: Path, vocab: int, source_gguf: Path | None) -> None:
-    """Refuse, before any work, a --gguf that the plan or the source's tokenizer already rules out."""
-    if target == "transformers":
-        raise ConversionError(
-            "--gguf needs --target portable: a GGUF cannot hold the transformers profile's per-dimension rotary "
-            "frequencies; to resolve, drop --target transformers"
-        )
+def check_gguf_request(source_root: Path, vocab: int, source_gguf: Path | None) -> None:
+    """Refuse, before any work, a --gguf that the source's tokenizer rules out (the profile was judged with
+    the other options: profiles.Profile.refuse_gguf)."""
     from .gguf_export import read_vocab
 
     read_vocab(source_root, vocab, source_gguf)  # the tokenizer the GGUF will carry: present and supported

@@ -55,7 +55,6 @@ def activation_factors(
     k_blocks: torch.Tensor,
     v_blocks: torch.Tensor,
     rank: int,
-    key_weight: float = 1.0,
     cov_root: torch.Tensor | None = None,
 ) -> Factors:
     """Rank-`rank` latent minimising the metric-weighted error of kv [2*G*d, n+1] on inputs with moment cov.
@@ -78,7 +77,7 @@ def activation_factors(
     # Keys whose no-rope part is only rounding noise (every key dimension rotates, as at full size under
     # --target transformers) must not be balanced up to the values' energy: the noise would take latent rank.
     keys_present = k_energy > NOISE * v_energy and v_energy > 0
-    balance = (key_weight * v_energy / k_energy) ** 0.5 if keys_present else 1.0
+    balance = (v_energy / k_energy) ** 0.5 if keys_present else 1.0
     scale = torch.ones(2 * kv_heads, dtype=kv.dtype, device=kv.device)
     scale[:kv_heads] = balance
     weighted = weighted * scale.repeat_interleave(d)[:, None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,8 @@ from ..errors import ConversionError
 from ..mla.exact import Slot
 from ..mla.latent_norm import LATENT_NORM_EPS
 from ..mla.rotary import ladder, match_ladder, near_slots, portable_theta, source_inv_freq
-from ..options import FLOAT16_REFUSED, TARGETS, VLLM_LATENT, VLLM_ROPE, check_engine, check_ranks
+from ..options import Options
+from ..profiles import ENGINE_WIDTHS, Profile, profile
 from ..source.families import (
     Experts,
     Family,
@@ -72,8 +73,10 @@ class Geometry:
         return 2 * self.kv_heads * self.head_dim
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """What the conversion does; frozen: a choice made later (the measured split) is a new plan (`replace`)."""
+
     target: str
     geometry: Geometry
     rope_dim: int
@@ -91,13 +94,11 @@ class Plan:
     method: str = "svd"  # "svd": data-free weight SVD; "activation": fitted on calibration activations
     stride: int = 1  # portable: the ladder holds every stride-th source frequency
     density: int = 1  # portable: ladder slots per source frequency (the extra ones hold near components)
-    key_weight: float = 1.0  # activation method: weight of key error against value error in the latent
-    refit_output: bool = True  # activation method: refit o_proj to the source attention output
     engine: str | None = None  # --engine: the widths are the ones that engine's kernels run
     latent_width: int = 0  # kv_lora_rank as written: kv_rank real components, zeros beyond (0: kv_rank)
 
     def __post_init__(self) -> None:
-        self.latent_width = max(self.latent_width, self.kv_rank)
+        object.__setattr__(self, "latent_width", max(self.latent_width, self.kv_rank))
 
     @property
     def kv_elements(self) -> int:
@@ -108,6 +109,11 @@ class Plan:
         """KV cache bytes per token over all layers at the output dtype, (source, converted)."""
         per_layer = self.dtype.itemsize * self.geometry.layers
         return self.geometry.kv_elements * per_layer, self.kv_elements * per_layer
+
+    @property
+    def profile(self) -> Profile:
+        """The rules of this plan's target profile."""
+        return profile(self.target)
 
     @property
     def nope_dim(self) -> int:
@@ -166,6 +172,45 @@ def family_warnings(geo: Geometry) -> list[str]:
     return out
 
 
+KeyEnergy = Callable[[Geometry, bool, torch.dtype], torch.Tensor]  # (geometry, keep_bias, dtype) -> energies
+
+
+def plan_for(
+    config: Any, options: Options, key_energy: KeyEnergy | None = None, stride: int = 1, density: int = 1
+) -> Plan:
+    """The plan for these (checked) options. key_energy reads the weights (conversion/driver.py key_energies),
+    for the transformers profile's choice of rotary components; it is called only when there is a choice."""
+    geo = geometry_of(config, options.allow_full_attention)
+    keep_bias = profile(options.target).keep_bias(geo.qkv_bias)
+    energy = None
+    if key_energy is not None:
+        energy = lambda: key_energy(geo, keep_bias, resolve_dtype(options.dtype, config))  # noqa: E731
+    plan = make_plan(
+        config,
+        target=options.target,
+        kv_rank=options.kv_rank,
+        rope_dim=options.rope_dim,
+        kv_budget=options.kv_budget,
+        dtype=options.dtype,
+        stride=stride,
+        density=density,
+        key_energy=energy,
+        engine=options.engine,
+        allow_full_attention=options.allow_full_attention,
+    )
+    return replace(plan, method=options.method)
+
+
+def structurally_lossless(plan: Plan) -> bool:
+    """Nothing to approximate: every rotary component has a slot, the latent has full rank, and the family has
+    nothing DeepSeek-V3 lacks (Qwen3's per-head q/k norms, a renormalized expert router)."""
+    geo, rules = plan.geometry, plan.profile
+    every_component = rules.exact_rotary and plan.rope_dim == geo.kv_heads * geo.rotary_dim
+    single_head = rules.ladder and geo.kv_heads == 1 and all(s is not None for s in plan.slots)
+    exact_family = not geo.family.qk_norm and not (geo.experts is not None and geo.experts.renormalize)
+    return not plan.compressed and exact_family and (every_component or single_head)
+
+
 def make_plan(
     config: Any,
     *,
@@ -191,9 +236,6 @@ def make_plan(
     density > 1 (portable, stride 1) puts density slots on each source frequency step: the first holds
     the frequency exactly, the others further mixed components at a near frequency (up to density*head_dim).
     """
-    if target not in TARGETS:
-        raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
-    check_ranks(kv_budget, kv_rank, rope_dim)
     geo = geometry_of(config, allow_full_attention)
     if engine is not None:
         return _engine_plan(
@@ -202,9 +244,10 @@ def make_plan(
     # d: the rotating width of a head (head_dim unless the source rotates only part of it; the rest of the
     # head never rotates and rides in the latent exactly)
     d, kv = geo.rotary_dim, geo.kv_heads
+    rules = profile(target)
     if d % 2 or geo.head_dim % 2:
         raise ConversionError(f"head_dim {geo.head_dim} (rotating {d}) is odd; RoPE needs an even head dimension")
-    if target == "portable" and rope_dim is not None and rope_dim > d and density == 1 and not rope_padding:
+    if rules.ladder and rope_dim is not None and rope_dim > d and density == 1 and not rope_padding:
         density = -(-rope_dim // d)  # a rotary key wider than head_dim is a dense ladder
         if density > kv:
             raise ConversionError(
@@ -213,9 +256,9 @@ def make_plan(
             )
         if stride != 1:
             raise ConversionError(f"a rotary key of {rope_dim} (wider than head_dim {d}) needs ladder stride 1")
-    if density < 1 or (density > 1 and (target != "portable" or stride != 1 or density > kv)):
+    if density < 1 or (density > 1 and (not rules.ladder or stride != 1 or density > kv)):
         raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
-    max_rope = density * d if target == "portable" else kv * d
+    max_rope = rules.max_rope(d, kv, density)
     warnings: list[str] = []
     warnings.extend(family_warnings(geo))
     window = sliding_window(config)
@@ -229,8 +272,7 @@ def make_plan(
         _check_rope_dim(rope_dim, max_rope if not rope_padding else max(max_rope, rope_dim), target)
     if kv_budget is not None:
         total = math.floor(kv_budget * geo.kv_elements)
-        keeps_bias = geo.qkv_bias and target == "transformers"
-        lossless_latent = min(geo.kv_elements - max_rope, geo.hidden + int(keeps_bias))
+        lossless_latent = min(geo.kv_elements - max_rope, geo.hidden + int(rules.keep_bias(geo.qkv_bias)))
         if total >= max_rope + lossless_latent:
             rope_dim, kv_rank = max_rope, lossless_latent
         else:
@@ -252,7 +294,7 @@ def make_plan(
         rope_dim = max_rope
 
     inv_freq, rope_scaling = source_inv_freq(config, d)
-    if target == "portable":
+    if rules.ladder:
         padded = rope_padding and rope_dim > d and stride == 1 and density == 1
         if stride < 1 or ((rope_dim // 2 - 1) // density * stride > d // 2 - 1 and not padded):
             raise ConversionError(
@@ -278,7 +320,7 @@ def make_plan(
         if s is not None:
             slot_count[s[0]] += 1
     structural = geo.kv_elements - 2 * sum(slot_count)  # every key and value element no slot holds
-    full_kv_rank = min(structural, geo.hidden + (1 if geo.qkv_bias and target == "transformers" else 0))
+    full_kv_rank = min(structural, geo.hidden + int(rules.keep_bias(geo.qkv_bias)))
     if kv_rank is None:
         kv_rank = full_kv_rank
     if kv_rank < 1 or kv_rank > full_kv_rank:
@@ -293,19 +335,8 @@ def make_plan(
             f"a {kv_rank + rope_dim}-element cache is {fraction:.3f} of the source's, below the smallest budget the "
             f"benchmarks measured ({MEASURED_FLOOR}: {MEASURED_FLOOR_RESULT}); expect a much worse model"
         )
-    keep_bias = geo.qkv_bias and target == "transformers"
-    if geo.qkv_bias and target == "portable":
-        warnings.append(
-            f"the source has {'attention' if geo.family.multipliers else 'q/k/v'} biases, which serving engines' "
-            "DeepSeek attention cannot hold; the portable profile drops them (use --target transformers for an "
-            "exact map)"
-        )
-    if target == "transformers":
-        warnings.append(
-            "--target transformers uses per-dimension rotary frequencies"
-            + (" and attention biases" if keep_bias else "")
-            + "; vLLM and SGLang load it but compute it wrongly: serve only with transformers"
-        )
+    keep_bias = rules.keep_bias(geo.qkv_bias)
+    warnings.extend(rules.warnings(geo.qkv_bias, geo.family.multipliers))
 
     resolved_dtype = resolve_dtype(dtype, config)
     source_scale = geo.head_dim**-0.5 * rope_scaling**2
@@ -325,7 +356,7 @@ def make_plan(
         residual_scale=math.sqrt(LATENT_NORM_EPS / geo.rms_norm_eps),
         split_reason=split_reason,
         warnings=warnings,
-        stride=stride if target == "portable" else 1,
+        stride=stride if rules.ladder else 1,
         density=density,
         engine=engine,
     )
@@ -346,20 +377,20 @@ def _engine_plan(
 ) -> Plan:
     """Widths an engine's kernels run (vLLM: latent 512 + rotary 64), the latent holding as many real
     components as the source has (up to 512) or as kv_rank says, zeros beyond."""
-    check_engine(engine, target, kv_rank, rope_dim)
-    width = VLLM_LATENT + VLLM_ROPE
-    layout = f"latent {VLLM_LATENT} + rotary {VLLM_ROPE}, the layout vLLM's MLA kernels run"
+    widths = ENGINE_WIDTHS[engine]
+    width, layout = widths.width, widths.layout
     if kv_budget is not None:
         allowed = math.floor(kv_budget * geo.kv_elements)
         if allowed < width:
             raise ConversionError(
-                f"--engine vllm holds {width} cache elements per token per layer ({layout}), but --kv-budget "
+                f"--engine {engine} holds {width} cache elements per token per layer ({layout}), but --kv-budget "
                 f"{kv_budget} allows {allowed} of this model's {geo.kv_elements}; to resolve, drop --kv-budget "
-                f"(the vLLM cache is then {width / geo.kv_elements:.2f}x the source's) or drop --engine vllm"
+                f"(the {widths.label} cache is then {width / geo.kv_elements:.2f}x the source's) or drop --engine "
+                f"{engine}"
             )
     fixed = {
         "target": target,
-        "rope_dim": VLLM_ROPE,
+        "rope_dim": widths.rope,
         "dtype": dtype,
         "stride": stride,
         "rope_padding": True,
@@ -367,21 +398,21 @@ def _engine_plan(
         "allow_full_attention": allow_full_attention,
     }
     if kv_rank is None:
-        kv_rank = min(make_plan(config, **fixed).full_kv_rank, VLLM_LATENT)
+        kv_rank = min(make_plan(config, **fixed).full_kv_rank, widths.latent)
     plan = make_plan(config, kv_rank=kv_rank, **fixed)
-    plan.engine, plan.latent_width = engine, VLLM_LATENT
     real = f"{plan.kv_rank} real latent components" + (
         f" (lossless {plan.full_kv_rank})" if plan.compressed else " (lossless)"
     )
-    plan.split_reason = f"--engine {engine}: {layout}; {real}" + (
-        f", {VLLM_LATENT - plan.kv_rank} zero" if plan.kv_rank < VLLM_LATENT else ""
+    reason = f"--engine {engine}: {layout}; {real}" + (
+        f", {widths.latent - plan.kv_rank} zero" if plan.kv_rank < widths.latent else ""
     )
+    warnings = list(plan.warnings)
     if width > geo.kv_elements:
-        plan.warnings.append(
-            f"--engine vllm holds {width} cache elements per token per layer, {width / geo.kv_elements:.2f}x this "
-            f"model's {geo.kv_elements}: in vLLM it needs more KV cache than the source, not less"
+        warnings.append(
+            f"--engine {engine} holds {width} cache elements per token per layer, {width / geo.kv_elements:.2f}x "
+            f"this model's {geo.kv_elements}: in {widths.label} it needs more KV cache than the source, not less"
         )
-    return plan
+    return replace(plan, engine=engine, latent_width=widths.latent, split_reason=reason, warnings=warnings)
 
 
 def _check_rope_dim(rope_dim: int, max_rope: int, target: str) -> None:
@@ -418,8 +449,4 @@ def resolve_dtype(dtype: str, config: Any) -> torch.dtype:
             src = DTYPES.get(src, torch.float32)
         resolved = src if isinstance(src, torch.dtype) else torch.float32
         return torch.bfloat16 if resolved == torch.float16 else resolved
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
-    if dtype == "float16":
-        raise ConversionError(FLOAT16_REFUSED)
-    return DTYPES[dtype]
+    return DTYPES[dtype]  # float16 and unknown names were refused by check_options

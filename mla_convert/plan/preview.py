@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from ..options import Options, TrainSettings, size_bytes
+from ..profiles import method
 from ..util import resources
 from ..util.units import human_bytes
 from . import capacity, measured_speed
@@ -56,7 +57,7 @@ def describe(
     """The preview as data (the API's `plan()` returns it; the CLI prints `preview_lines` of it)."""
     geo = plan.geometry
     source_bytes, converted_bytes = plan.kv_bytes_per_token()
-    samples = options.method == "activation" and plan.compressed and not options.calib_data
+    samples = method(options.method).fits_activations and plan.compressed and not options.calib_data
     models = 2 if trains else 1 if samples or options.validate or options.verify else 0
     return {
         "target_class": geo.target_class,
@@ -65,7 +66,9 @@ def describe(
         "lossless_kv_rank": plan.full_kv_rank,
         "qk_rope_head_dim": plan.rope_dim,
         "split": plan.split_reason,
-        "split_is_measured_later": options.kv_budget is not None and options.method == "activation" and plan.compressed,
+        "split_is_measured_later": options.kv_budget is not None
+        and method(options.method).fits_activations
+        and plan.compressed,
         "dtype": str(plan.dtype).removeprefix("torch."),
         "kv_cache": {
             "elements_per_token_per_layer": {"source": geo.kv_elements, "converted": plan.kv_elements},

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..options import VLLM_LATENT, VLLM_ROPE
+from ..profiles import VLLM, profile
+from .plan import Plan
 
 # vLLM 0.32: MLACommonMetadata refuses any kv_lora_rank + qk_rope_head_dim outside these at the first
 # forward (model_executor/layers/attention/mla_attention.py); the CPU backend (CPU_MLA) and the fast GPU
@@ -33,6 +34,16 @@ class Verdict:
         return {"engine": self.engine, "status": self.status, "detail": self.detail}
 
 
+def engine_verdicts(plan: Plan, gguf: str | None) -> list[Verdict]:
+    """Which engines serve this plan's checkpoint (the widths and the profile decide)."""
+    return verdicts(plan.target, plan.latent_width, plan.rope_dim, gguf, plan.geometry.target_class)
+
+
+def engine_warnings(found: list[Verdict]) -> list[str]:
+    """A checkpoint that an engine loads and then refuses, or computes wrongly, is never written silently."""
+    return [f"{v.engine} {v.status}: {v.detail}" for v in found if v.engine == "vLLM" and v.status == REFUSES]
+
+
 def verdicts(
     target: str, kv_lora_rank: int, rope_dim: int, gguf: str | None = None, target_class: str = "DeepseekV3ForCausalLM"
 ) -> list[Verdict]:
@@ -47,14 +58,14 @@ def verdicts(
 
 def _vllm(target: str, kv_lora_rank: int, rope_dim: int) -> Verdict:
     width = kv_lora_rank + rope_dim
-    if target == "transformers":
+    if not profile(target).engines_compute_it:
         return Verdict(
             "vLLM",
             WRONG,
             "loads it, but replaces the per-dimension rotary frequencies by DeepSeek YaRN and drops attention "
             "biases, without an error",
         )
-    if (kv_lora_rank, rope_dim) == (VLLM_LATENT, VLLM_ROPE):
+    if (kv_lora_rank, rope_dim) == (VLLM.latent, VLLM.rope):
         return Verdict(
             "vLLM", SERVES, f"latent 512 + rotary 64, the layout every MLA backend runs; tested with {VLLM_VERSION}"
         )
@@ -74,7 +85,7 @@ def _vllm(target: str, kv_lora_rank: int, rope_dim: int) -> Verdict:
 
 
 def _sglang(target: str) -> Verdict:
-    if target == "transformers":
+    if not profile(target).engines_compute_it:
         return Verdict("SGLang", WRONG, "replaces the per-dimension rotary frequencies and drops biases, silently")
     return Verdict(
         "SGLang",
@@ -85,7 +96,7 @@ def _sglang(target: str) -> Verdict:
 
 
 def _llama_cpp(target: str, gguf: str | None) -> Verdict:
-    if target == "transformers":
+    if not profile(target).engines_compute_it:
         return Verdict(
             "llama.cpp", REFUSES, "per-dimension rotary frequencies cannot be written to a GGUF; use --target portable"
         )

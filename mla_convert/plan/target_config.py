@@ -46,7 +46,7 @@ def portable_rope(theta: float, max_positions: int) -> dict[str, Any]:
 
 
 def rope_parameters(plan: Plan, max_positions: int) -> dict[str, Any]:
-    if plan.target == "portable":
+    if plan.profile.ladder:
         return portable_rope(plan.rope_theta, max_positions)
     # transformers-only: per-dimension factors turn the ladder into exactly the slot frequencies.
     ladder_exp = torch.arange(0, plan.rope_dim, 2, dtype=torch.float64) / plan.rope_dim
@@ -106,7 +106,7 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
     }
     if geo.experts is not None:
         config.update(expert_keys(geo))
-    if plan.target == "transformers":
+    if not plan.profile.engines_compute_it:
         config["mla_convert_warning"] = TRANSFORMERS_ONLY
     else:
         config.update(legacy_rope_keys(config["rope_parameters"]))

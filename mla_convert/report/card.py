@@ -15,6 +15,7 @@ from pathlib import PurePath
 from typing import Any
 
 from ..plan.target_config import TRANSFORMERS_ONLY
+from ..profiles import profile
 from ..util.names import looks_local, strip_paths
 from ..util.units import human_bytes
 from .plots import LAYER_PLOT, LONG_PLOT, LOSS_PLOT
@@ -36,7 +37,7 @@ def model_card(report: dict[str, Any], model_out_name: str) -> str:
     settings = report["settings"]
     serving = (
         f"> **Warning.** {TRANSFORMERS_ONLY}\n"
-        if settings["target"] == "transformers"
+        if not profile(settings["target"]).engines_compute_it
         else (
             "This checkpoint uses only settings that transformers, vLLM and SGLang compute identically: the plain "
             "rotary frequency ladder (written as DeepSeek's YaRN form with factor 1), interleaved rotary pairs, no "

@@ -10,19 +10,25 @@ LAYER_PLOT = "layer_error.png"
 LONG_PLOT = "long_context.png"
 
 
-def draw(report: dict[str, Any], out_dir: Path, losses: list[float] | None, resumed_from: int | None) -> dict[str, Any]:
-    """Draw the loss curve (after a fine-tune) and the per-layer errors; the report names what was drawn."""
+def draw(
+    out_dir: Path,
+    layers: list[dict[str, Any]],
+    long_eval: dict[str, Any] | None,
+    losses: list[float] | None,
+    resumed_from: int | None,
+) -> list[str]:
+    """Draw the loss curve (after a fine-tune), the per-layer errors and the long-context curves; returns the
+    file names drawn (the report's `plots`)."""
     drawn = []
     if losses:
         loss_curve(out_dir / LOSS_PLOT, losses, resumed_from)
         drawn.append(LOSS_PLOT)
-    layer_errors(out_dir / LAYER_PLOT, report["layers"])
+    layer_errors(out_dir / LAYER_PLOT, layers)
     drawn.append(LAYER_PLOT)
-    long = report.get("long_eval")
-    if long and (long.get("buckets") or long.get("passkey")):
-        long_context(out_dir / LONG_PLOT, long)
+    if long_eval and (long_eval.get("buckets") or long_eval.get("passkey")):
+        long_context(out_dir / LONG_PLOT, long_eval)
         drawn.append(LONG_PLOT)
-    return {**report, "plots": drawn}
+    return drawn
 
 
 def _pyplot() -> Any:

@@ -1,6 +1,7 @@
 """One report object rendered three ways: a rich table, mla_report.json and the model card section.
 
-Schema of mla_report.json (version 2; version 1 had no long_eval):
+Schema of mla_report.json (version 2; version 1 had no long_eval). tests/test_report_schema.py checks that every
+key a written report holds, and every field of the typed sections, is named here:
   schema_version, tool {name, version},
   source {name (hub id, or the folder / file name: what the model card shows), hub_id (the hub repo it was given
           as, the `org/name` its config.json's `_name_or_path` declares, or the repository a GGUF states, else
@@ -17,8 +18,13 @@ Schema of mla_report.json (version 2; version 1 had no long_eval):
             lossless_kv_rank, rotary_slots [[frequency_index, component] | null]},
   kv_cache {original_elements_per_token_per_layer, converted_elements_per_token_per_layer (what engines hold,
             padding included), ratio, original_bytes_per_token, converted_bytes_per_token, dtype_bytes},
+  long_context (plan/preview.py) {memory_bytes (--memory, else this machine's), memory_given, source and converted
+               {weights_bytes, kv_bytes_per_token, tokens (the longest context that fits)}, measured_speed {model,
+               context, speed_ratio, best_ratio, measured_on, work_ratio} (the measured decode speed nearest this
+               conversion) or null} or null when the memory or parameter count is unknown,
   engines [{engine, status (serves | computes wrongly | refuses | untested), detail}],
-  gguf {file, type, bytes, kept_float32 [tensor names], warnings} or null without --gguf,
+  gguf {file, type, bytes, kept_float32 [tensor names], tokenizer (where its vocabulary came from), warnings} or
+       null without --gguf,
   layers [{index, k_rel_error, v_rel_error, rope_energy_kept, rope_energy_near (the part of it on a dense ladder's
           near-frequency slots), k_act_error, v_act_error, attn_output_error, with long calibration windows
           far_attn_output_error (the same error at their far positions, the second half of each), and
@@ -27,21 +33,25 @@ Schema of mla_report.json (version 2; version 1 had no long_eval):
           --query-refit: query_refit_error_before, query_refit_error_after (the same error around the query refit;
           equal when the refit was undone), and for a calibrated MoE layer moe_output_error (the converted expert mix
           against the source's on the same inputs: what the target's routing weights cost) and, for a source
-          that renormalizes its top-k softmax, expert_scale with routing_weight_error_before/after (the top-k
-          weights' relative error against the source's without and with that factor on the layer's experts)}]
+          that renormalizes its top-k softmax, expert_scale with routing_weight_error_before and
+          routing_weight_error_after (the top-k weights' relative error against the source's without and with
+          that factor on the layer's experts)}]
          (the last three null without calibration),
   summary {k_rel_error_mean, k_rel_error_max, v_rel_error_mean, v_rel_error_max, rope_energy_kept_mean,
-           rope_energy_kept_min, rope_energy_near_mean, and with calibration k_act_error_*, v_act_error_*,
-           attn_output_error_* (mean, max), far_attn_output_error_* (mean, max) with long calibration windows,
-           and for a MoE source moe_output_error_* (mean, max)},
+           rope_energy_kept_min, rope_energy_near_mean, and with calibration k_act_error_mean, k_act_error_max,
+           v_act_error_mean, v_act_error_max, attn_output_error_mean, attn_output_error_max, with long calibration
+           windows far_attn_output_error_mean, far_attn_output_error_max, and for a MoE source
+           moe_output_error_mean, moe_output_error_max},
   calibration {method, source, tokens (the short windows'), long_windows {count, tokens (each)} when long
                calibration windows were used} or null,
   evaluation (one-shot, before any fine-tune) {text, tokens, source_perplexity, converted_perplexity,
               perplexity_ratio, kl_to_source, top1_agreement} or null,
-  verification {tokens, max_abs_logit_diff, top1_agreement, kl_mean, measured_cache_elements_per_token_per_layer}
-               or null when skipped,
-  finetune {steps, batch_size, seq_len, tokens, text, lr, warmup_steps, scope, distill_weight,
-            trainable_parameters, world_size, seconds, resumed_from, losses [per step], lrs [per step]}
+  verification {tokens, max_abs_logit_diff, top1_agreement, kl_mean, measured_cache_elements_per_token_per_layer,
+                and for a MoE source routing_agreement (the share of tokens routed to the same experts, mean over
+                expert layers) and routing_agreement_per_layer} or null when skipped,
+  finetune {steps, batch_size, seq_len, tokens, text, text_tokens (tokens of training text read), lr, warmup_steps,
+            scope, distill_weight, trainable_parameters, world_size, seconds, resumed_from, losses [per step],
+            lrs [per step]}
            or null when there was no fine-tune,
   validation {text, tokens, models [{model, perplexity, perplexity_ratio, kl_to_source, top1_agreement}],
               generation {prompt, max_new_tokens, outputs {model: text}}} or null with --no-validate,
@@ -68,39 +78,85 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from rich.table import Table
 
 from ..conversion.driver import LayerStats
+from ..evaluate.validation import Validated
 from ..evaluate.verify import Verification
 from ..plan.plan import Plan
 from ..plan.target_config import DTYPE_NAMES
 from ..source.checkpoint import Source
 from ..source.gguf_header import gguf_general
+from ..train.finetune import FinetuneSection
 from ..util.names import strip_paths
 from ..util.units import human_bytes
 from ..util.version import VERSION
+from ..write.manifest import file_hashes
+from ..write.writer import write_json, write_text
+from .card import model_card
 from .lineage import gguf_facts
 
 ORG_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*$")  # a hub id with its owner: "org/name"
 
 
-@dataclass
+class Calibration(TypedDict, total=False):
+    """The report's `calibration` section."""
+
+    method: str
+    source: str
+    tokens: int  # the short windows'
+    long_windows: dict[str, int]  # {count, tokens (each)}, with long calibration windows only
+
+
+class GgufSection(TypedDict):
+    """The report's `gguf` section (engines/export.py writes the file)."""
+
+    file: str
+    type: str
+    bytes: int
+    kept_float32: list[str]
+    tokenizer: str
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the stages after the conversion add to the report, each section as its stage returned it."""
+
+    verification: Verification | None = None
+    validated: Validated = field(default_factory=Validated)
+    finetune: FinetuneSection | None = None
+    plots: list[str] = field(default_factory=list)
+    gguf: GgufSection | None = None
+    resources: dict[str, Any] = field(default_factory=dict)  # util/resources.usage: not in the card
+
+    def sections(self) -> dict[str, Any]:
+        """The report keys this outcome sets, as written."""
+        long = self.validated.long_eval
+        return {
+            "gguf": self.gguf,
+            "evaluation": self.validated.evaluation,
+            "finetune": self.finetune,
+            "validation": self.validated.validation,
+            "long_eval": long.as_dict() if long is not None else None,
+            "plots": self.plots,
+            "verification": self.verification.as_dict() if self.verification else None,
+        }
+
+
+@dataclass(frozen=True)
 class Report:
+    """The conversion's facts and the measured outcome: typed until `as_dict` writes them."""
+
     source_label: str
     plan: Plan
     layers: list[LayerStats]
-    verification: Verification | None = None
+    outcome: Outcome = field(default_factory=Outcome)
     warnings: list[str] = field(default_factory=list)
-    calibration: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None
-    finetune: dict[str, Any] | None = None
-    validation: dict[str, Any] | None = None
-    long_eval: dict[str, Any] | None = None  # evaluate/long_context.LongEval, set by the validation
-    plots: list[str] = field(default_factory=list)
+    calibration: Calibration | None = None
     engines: list[dict[str, str]] = field(default_factory=list)
-    gguf: dict[str, Any] | None = None
     source_facts: dict[str, Any] = field(default_factory=dict)  # name, hub_id, license (see source_facts)
     texts: list[dict[str, Any]] = field(default_factory=list)  # the text files read (source/text.py TextFile)
     report_paths: bool = False  # --report-paths: full local paths in the report (never in the card)
@@ -152,6 +208,7 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         plan, geo = self.plan, self.plan.geometry
+        sections = self.outcome.sections()
         return {
             "schema_version": 2,
             "tool": {"name": "mla-convert", "version": VERSION},
@@ -184,62 +241,89 @@ class Report:
             "kv_cache": self.kv_cache(),
             "long_context": self.long_context,
             "engines": self.engines,
-            "gguf": self.gguf,
-            "layers": [
-                {
-                    "index": layer.index,
-                    "k_rel_error": layer.k_rel_error,
-                    "v_rel_error": layer.v_rel_error,
-                    "rope_energy_kept": layer.rope_energy_kept,
-                    "rope_energy_near": layer.rope_energy_near,
-                    "k_act_error": layer.k_act_error,
-                    "v_act_error": layer.v_act_error,
-                    "attn_output_error": layer.attn_output_error,
-                    **(
-                        {}
-                        if layer.far_attn_output_error is None
-                        else {"far_attn_output_error": layer.far_attn_output_error}
-                    ),
-                    **(
-                        {}
-                        if layer.query_error_before is None
-                        else {
-                            "query_refit_error_before": layer.query_error_before,
-                            "query_refit_error_after": layer.query_error_after,
-                        }
-                    ),
-                    **(
-                        {}
-                        if layer.reconstruction_steps is None
-                        else {
-                            "reconstruction_steps": layer.reconstruction_steps,
-                            "held_out_error_before": layer.held_out_error_before,
-                            "held_out_error_after": layer.held_out_error_after,
-                        }
-                    ),
-                    **({} if layer.moe_output_error is None else {"moe_output_error": layer.moe_output_error}),
-                    **(
-                        {}
-                        if layer.expert_scale is None
-                        else {
-                            "expert_scale": layer.expert_scale,
-                            "routing_weight_error_before": layer.routing_weight_error_before,
-                            "routing_weight_error_after": layer.routing_weight_error_after,
-                        }
-                    ),
-                }
-                for layer in self.layers
-            ],
+            "gguf": sections["gguf"],
+            "layers": self.layer_rows(),
             "summary": self.summary(),
             "calibration": self.calibration,
-            "evaluation": self.evaluation,
-            "finetune": self.finetune,
-            "validation": self.validation,
-            "long_eval": self.long_eval,
-            "plots": self.plots,
-            "verification": self.verification.as_dict() if self.verification else None,
+            "evaluation": sections["evaluation"],
+            "finetune": sections["finetune"],
+            "validation": sections["validation"],
+            "long_eval": sections["long_eval"],
+            "plots": sections["plots"],
+            "verification": sections["verification"],
             "warnings": self.warnings if self.report_paths else [strip_paths(w) for w in self.warnings],
+            **({"resources": self.outcome.resources} if self.outcome.resources else {}),
         }
+
+    def layer_rows(self) -> list[dict[str, Any]]:
+        """The report's `layers` section (the layer plot draws it too)."""
+        return layer_rows(self.layers)
+
+
+def layer_rows(layers: list[LayerStats]) -> list[dict[str, Any]]:
+    """Each layer's measured errors as the report writes them (keys present only where measured)."""
+    return [
+        {
+            "index": layer.index,
+            "k_rel_error": layer.k_rel_error,
+            "v_rel_error": layer.v_rel_error,
+            "rope_energy_kept": layer.rope_energy_kept,
+            "rope_energy_near": layer.rope_energy_near,
+            "k_act_error": layer.k_act_error,
+            "v_act_error": layer.v_act_error,
+            "attn_output_error": layer.attn_output_error,
+            **({} if layer.far_attn_output_error is None else {"far_attn_output_error": layer.far_attn_output_error}),
+            **(
+                {}
+                if layer.query_error_before is None
+                else {
+                    "query_refit_error_before": layer.query_error_before,
+                    "query_refit_error_after": layer.query_error_after,
+                }
+            ),
+            **(
+                {}
+                if layer.reconstruction_steps is None
+                else {
+                    "reconstruction_steps": layer.reconstruction_steps,
+                    "held_out_error_before": layer.held_out_error_before,
+                    "held_out_error_after": layer.held_out_error_after,
+                }
+            ),
+            **({} if layer.moe_output_error is None else {"moe_output_error": layer.moe_output_error}),
+            **(
+                {}
+                if layer.expert_scale is None
+                else {
+                    "expert_scale": layer.expert_scale,
+                    "routing_weight_error_before": layer.routing_weight_error_before,
+                    "routing_weight_error_after": layer.routing_weight_error_after,
+                }
+            ),
+        }
+        for layer in layers
+    ]
+
+
+def healed_report(pending: dict[str, Any], outcome: Outcome, drop_warning: str) -> dict[str, Any]:
+    """The report of a fine-tuned model: the pending report the conversion wrote (read back, so a resumed run
+    has it too) with the heal's sections in place of the ones it measured again, and drop_warning gone."""
+    sections = outcome.sections()
+    again = {k: v for k, v in sections.items() if v is not None and k != "plots"}
+    warnings = [w for w in pending["warnings"] if w != drop_warning]
+    if outcome.gguf is not None:
+        warnings += [w for w in outcome.gguf["warnings"] if w not in warnings]
+    return {**pending, **again, "plots": outcome.plots, "warnings": warnings, "resources": outcome.resources}
+
+
+def write_report(out_dir: Path, report: dict[str, Any], name: str) -> dict[str, Any]:
+    """Write the model card, then the report with the sha256 of every other file written (the card included);
+    returns the report as written."""
+    written = {**report, "files": None}
+    write_text(out_dir / "README.md", model_card(written, name))
+    written["files"] = file_hashes(out_dir)
+    write_json(out_dir / "mla_report.json", written)
+    return written
 
 
 def full_path(label: str) -> str:

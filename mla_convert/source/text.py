@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import ConversionError
 from ..hooks import Hooks
-from ..options import DATASETS_MISSING, check_text_spec
+from ..options import DATASETS_MISSING, Options, check_text_spec
 from ..util.names import public_name, sha256_of
 
 log = logging.getLogger(__name__)
@@ -264,10 +264,45 @@ class TextSets:
     long_note: str | None = None  # how they were made when not from documents that long
 
 
-def check_lengths(seq_len: int, max_positions: int | None) -> None:
-    """The calibration window against the model's context (the rest is checked with the other flags)."""
-    if max_positions is not None and seq_len > max_positions:
-        raise ConversionError(f"--calib-seq-len {seq_len} is longer than the model's context ({max_positions})")
+@dataclass(frozen=True)
+class TextNeeds:
+    """Which windows a run reads (job.py decides from the plan and the options; 0 or False: none)."""
+
+    calibrate: bool = False  # calibration windows (--method activation, a conversion with something to fit)
+    evaluate: bool = False  # held-out evaluation windows
+    sample_eval: bool = False  # ... sampled from the source when no file gives them (they will be used)
+    train_tokens: int = 0  # fine-tune text
+    train_seq_len: int = 0
+    long_len: int = 0  # long held-out windows for the long-context validation
+    long_windows: int = 0
+    calib_long_len: int = 0  # long calibration windows
+    calib_long_windows: int = 0
+
+
+def read_text_sets(source: Any, options: Options, needs: TextNeeds, hooks: Hooks) -> TextSets:
+    """The windows `needs` asks for, from the text options (see text_sets)."""
+    return text_sets(
+        source,
+        calib_data=options.calib_data,
+        calib_tokens=options.calib_tokens,
+        seq_len=options.calib_seq_len,
+        eval_data=options.eval_data,
+        eval_tokens=options.eval_tokens,
+        column=options.text_column,
+        seed=options.seed,
+        need_eval=needs.evaluate,
+        sample_eval=needs.sample_eval,
+        need_calib=needs.calibrate,
+        train_data=options.train_data,
+        train_tokens=needs.train_tokens,
+        train_seq_len=needs.train_seq_len,
+        hooks=hooks,
+        sampled_share=options.calib_sampled,
+        long_len=needs.long_len,
+        long_windows=needs.long_windows,
+        calib_long_len=needs.calib_long_len,
+        calib_long_windows=needs.calib_long_windows,
+    )
 
 
 def text_sets(
@@ -306,7 +341,6 @@ def text_sets(
     text outside its held-out tail (from sampled calibration text: its windows joined), so the fit and the split
     measurement see far positions.
     """
-    check_lengths(seq_len, getattr(source.config, "max_position_embeddings", None))
     tokenizer = source.tokenizer()
     hooks = hooks or Hooks()
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -123,26 +123,47 @@ def fine_tune(
     return result
 
 
-def section(result: TrainResult, settings: TrainSettings, train_text: TokenWindows) -> dict[str, Any]:
+class FinetuneSection(TypedDict):
     """The report's `finetune` section."""
-    return {
-        "steps": result.steps,
-        "batch_size": settings.batch_size,
-        "seq_len": settings.seq_len,
-        "tokens": result.tokens,
-        "text": train_text.origin,
-        "text_tokens": train_text.tokens,
-        "lr": settings.lr,
-        "warmup_steps": settings.warmup_steps,
-        "scope": settings.scope,
-        "distill_weight": settings.distill_weight,
-        "trainable_parameters": result.trainable_parameters,
-        "world_size": result.world_size,
-        "seconds": result.seconds,
-        "resumed_from": result.resumed_from,
-        "losses": result.losses,
-        "lrs": result.lrs,
-    }
+
+    steps: int
+    batch_size: int | None
+    seq_len: int
+    tokens: int
+    text: str
+    text_tokens: int
+    lr: float
+    warmup_steps: int | None
+    scope: str
+    distill_weight: float
+    trainable_parameters: int
+    world_size: int
+    seconds: float
+    resumed_from: int | None
+    losses: list[float]
+    lrs: list[float]
+
+
+def section(result: TrainResult, settings: TrainSettings, train_text: TokenWindows) -> FinetuneSection:
+    """The report's `finetune` section."""
+    return FinetuneSection(
+        steps=result.steps,
+        batch_size=settings.batch_size,
+        seq_len=settings.seq_len,
+        tokens=result.tokens,
+        text=train_text.origin,
+        text_tokens=train_text.tokens,
+        lr=settings.lr,
+        warmup_steps=settings.warmup_steps,
+        scope=settings.scope,
+        distill_weight=settings.distill_weight,
+        trainable_parameters=result.trainable_parameters,
+        world_size=result.world_size,
+        seconds=result.seconds,
+        resumed_from=result.resumed_from,
+        losses=result.losses,
+        lrs=result.lrs,
+    )
 
 
 def write_trained(student: Any, model_out: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
