@@ -321,19 +321,6 @@ def _front_matter(readme: Path | None) -> dict[str, Any]:
         return {}
 
 
-def engines_table(rows: list[dict[str, str]]) -> Table:
-    """Which serving engines load this checkpoint and compute what transformers computes."""
-    table = Table(title="Serving engines")
-    table.add_column("engine")
-    table.add_column("status")
-    table.add_column("why")
-    colours = {"serves": "green", "untested": "yellow"}
-    for row in rows:
-        colour = colours.get(row["status"], "red")
-        table.add_row(row["engine"], f"[{colour}]{row['status']}[/{colour}]", row["detail"])
-    return table
-
-
 def layer_table(report: dict[str, Any]) -> Table:
     """The per-layer reconstruction table of a report (mla_report.json data)."""
     table = Table(title="Per-layer reconstruction", show_footer=True)
