@@ -15,7 +15,7 @@ def check_gguf_request(target: str, source_root: Path, vocab: int, source_gguf: 
             "--gguf needs --target portable: a GGUF cannot hold the transformers profile's per-dimension rotary "
             "frequencies; to resolve, drop --target transformers"
         )
-    from .gguf_export import read_vocab
+    from .gguf_vocab import read_vocab
 
     read_vocab(source_root, vocab, source_gguf)  # the tokenizer the GGUF will carry: present and supported
 
@@ -25,7 +25,7 @@ def gguf_beside(checkpoint: Path, name: str, quant: str, source_gguf: Path | Non
 
     A .gguf input lends its tokenizer metadata, so llama.cpp tokenizes exactly as it did for the source.
     """
-    from .gguf_export import write_gguf  # reads the gguf package only when asked for
+    from .gguf_writer import write_gguf  # reads the gguf package only when asked for
 
     out_file = checkpoint / f"{name}-{quant}.gguf"
     return write_gguf(checkpoint, out_file, quant=quant, tokenizer_gguf=source_gguf, name=name)
