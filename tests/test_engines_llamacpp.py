@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, Qwen3Config
 
-from mla_convert.engines import gguf_layout, gguf_writer, runtime
+from mla_convert.engines import gguf_layout, runtime
 from mla_convert.engines.gguf_writer import write_gguf
 from mla_convert.job import Options, run
+from mla_convert.options import GGUF_TYPES
 
 from .conftest import ENGINE_SIZED, build_moe, build_tiny
 from .test_engines_gguf_export import save_bpe_tokenizer
@@ -95,7 +96,7 @@ def _gguf_runs(checkpoints, smollm2_gguf) -> dict[tuple[str, str, str], dict]:
     """Every GGUF to run: (checkpoint name, type, options) -> probe run."""
     runs = {}
     for name, (path, prompts) in checkpoints.items():
-        for quant in ("f32",) if name in F32_ONLY else gguf_writer.GGUF_TYPES:
+        for quant in ("f32",) if name in F32_ONLY else GGUF_TYPES:
             lent = smollm2_gguf if name == "SmolLM2" and quant == "f32" else None  # as the CLI does for a .gguf input
             out = path / f"model-{quant}.gguf"
             write_gguf(path, out, quant=quant, tokenizer_gguf=lent)

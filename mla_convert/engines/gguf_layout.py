@@ -31,8 +31,9 @@ KV_A = "attn_kv_a_mqa"
 
 
 @dataclass(frozen=True)
-class Experts:
-    """A MoE checkpoint's routing, as llama.cpp's deepseek2 graph computes it."""
+class GgufExperts:
+    """A MoE checkpoint's routing, as llama.cpp's deepseek2 graph computes it (source/families.py's Experts is
+    the source's)."""
 
     count: int
     used: int
@@ -43,8 +44,9 @@ class Experts:
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """What llama.cpp's deepseek2 loader needs to know, read from config.json and checked."""
+class GgufShape:
+    """What llama.cpp's deepseek2 loader needs to know, read from the converted config.json and checked
+    (plan/plan.py's Geometry is the source's)."""
 
     name: str
     hidden: int
@@ -59,13 +61,14 @@ class Geometry:
     context: int
     theta: float
     eps: float
-    experts: Experts | None = None
+    experts: GgufExperts | None = None
 
-    def is_moe(self, i: int) -> bool:
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i routes to experts: the MoE layers follow the leading dense ones."""
         return self.experts is not None and i >= self.experts.dense_layers
 
 
-def read_geometry(checkpoint: Path) -> Geometry:
+def read_shape(checkpoint: Path) -> GgufShape:
     """config.json as llama.cpp will see it; anything llama.cpp would run differently is refused here."""
     path = checkpoint / "config.json"
     if not path.is_file():
@@ -74,7 +77,7 @@ def read_geometry(checkpoint: Path) -> Geometry:
         )
     config = json.loads(path.read_text())
     _check_architecture(config)
-    return Geometry(
+    return GgufShape(
         name=checkpoint.name,
         hidden=int(config["hidden_size"]),
         layers=int(config["num_hidden_layers"]),
@@ -92,12 +95,12 @@ def read_geometry(checkpoint: Path) -> Geometry:
     )
 
 
-def _experts(config: dict[str, Any]) -> Experts | None:
+def _experts(config: dict[str, Any]) -> GgufExperts | None:
     """The routing of a checkpoint with MoE layers (None when every layer is dense)."""
     layers, dense = int(config["num_hidden_layers"]), int(config.get("first_k_dense_replace", 0))
     if dense >= layers:
         return None
-    return Experts(
+    return GgufExperts(
         count=int(config["n_routed_experts"]),
         used=int(config["num_experts_per_tok"]),
         width=int(config["moe_intermediate_size"]),
@@ -189,7 +192,7 @@ class Planned:
     kind: str  # "f32", "bf16" or "q8_0"
 
 
-def plan_tensors(weights: Weights, geo: Geometry, quant: str) -> list[Planned]:
+def plan_tensors(weights: Weights, geo: GgufShape, quant: str) -> list[Planned]:
     """Every tensor llama.cpp's deepseek2 loader creates, with the shapes its create_tensor calls expect."""
     t = gguf.MODEL_TENSOR
     h, heads, rank = geo.hidden, geo.heads, geo.rank
@@ -211,7 +214,7 @@ def plan_tensors(weights: Weights, geo: Geometry, quant: str) -> list[Planned]:
             (t.ATTN_V_B, "self_attn.kv_b_proj", "v_b", (heads, geo.v_dim, rank)),
             (t.ATTN_OUT, "self_attn.o_proj", "all", (h, heads * geo.v_dim)),
             (t.FFN_NORM, "post_attention_layernorm", "all", (h,)),
-            *(_expert_tensors(geo) if geo.is_moe(i) else _dense_tensors(geo)),
+            *(_expert_tensors(geo) if geo.is_moe_layer(i) else _dense_tensors(geo)),
         ]
         for kind, src, part, shape in layer:
             name = gguf.TENSOR_NAMES[kind].format(bid=i)
@@ -220,7 +223,7 @@ def plan_tensors(weights: Weights, geo: Geometry, quant: str) -> list[Planned]:
     return planned
 
 
-def _dense_tensors(geo: Geometry) -> list[tuple[gguf.MODEL_TENSOR, str, str, tuple[int, ...]]]:
+def _dense_tensors(geo: GgufShape) -> list[tuple[gguf.MODEL_TENSOR, str, str, tuple[int, ...]]]:
     t, h = gguf.MODEL_TENSOR, geo.hidden
     return [
         (t.FFN_GATE, "mlp.gate_proj", "all", (geo.intermediate, h)),
@@ -229,7 +232,7 @@ def _dense_tensors(geo: Geometry) -> list[tuple[gguf.MODEL_TENSOR, str, str, tup
     ]
 
 
-def _expert_tensors(geo: Geometry) -> list[tuple[gguf.MODEL_TENSOR, str, str, tuple[int, ...]]]:
+def _expert_tensors(geo: GgufShape) -> list[tuple[gguf.MODEL_TENSOR, str, str, tuple[int, ...]]]:
     """A MoE layer (DeepSeek-V2): the router, the stacked experts, the shared expert."""
     t, h, e = gguf.MODEL_TENSOR, geo.hidden, geo.experts
     assert e is not None
@@ -266,7 +269,7 @@ def _planned(base: str, source: str, part: str, shape: tuple[int, ...], quant: s
     return Planned(f"{base}.weight", source, part, shape, kind)
 
 
-def _check_sources(planned: list[Planned], weights: Weights, geo: Geometry) -> None:
+def _check_sources(planned: list[Planned], weights: Weights, geo: GgufShape) -> None:
     """Every tensor is there with the shape the config implies, and nothing is left over."""
     count = geo.experts.count if geo.experts else 0
     used: set[str] = set()
@@ -287,7 +290,7 @@ def _check_sources(planned: list[Planned], weights: Weights, geo: Geometry) -> N
         raise ConversionError(f"--gguf: the checkpoint has tensors llama.cpp would not load: {', '.join(extra[:4])}")
 
 
-def tensor_data(weights: Weights, p: Planned, geo: Geometry) -> np.ndarray:
+def tensor_data(weights: Weights, p: Planned, geo: GgufShape) -> np.ndarray:
     """The float32 values of one GGUF tensor, in its numpy layout."""
     if p.part.startswith("stack:"):
         assert geo.experts is not None
@@ -334,7 +337,7 @@ def check_latent_rows(name: str, source: np.ndarray, stored: np.ndarray, kind: s
         )
 
 
-def encoded(planned: list[Planned], weights: Weights, geo: Geometry) -> Iterator[np.ndarray]:
+def encoded(planned: list[Planned], weights: Weights, geo: GgufShape) -> Iterator[np.ndarray]:
     """Each tensor's stored bytes, in plan order; kv_a is checked for surviving latent rows."""
     for p in planned:
         values = tensor_data(weights, p, geo)

@@ -22,10 +22,10 @@ import gguf
 import numpy as np
 
 from ..errors import ConversionError
-from .gguf_layout import Geometry, Planned, Weights, encoded, nbytes, plan_tensors, qtype, read_geometry
+from ..options import GGUF_TYPES
+from .gguf_layout import GgufShape, Planned, Weights, encoded, nbytes, plan_tensors, qtype, read_shape
 from .gguf_vocab import Vocab, read_vocab
 
-GGUF_TYPES = ("f32", "bf16", "q8_0")
 QUANTIZE_HINT = (
     "re-quantizing this GGUF with llama.cpp's tools must keep attn_kv_a_mqa at f32 or bf16 (its latent rows are "
     "~1e-8, which f16 and every quant type's f16 block scales round to zero): start from the f32 or bf16 GGUF "
@@ -50,7 +50,7 @@ def write_gguf(
     """
     checkpoint, out_file = Path(checkpoint), Path(out_file)
     _check_quant(quant)
-    geo = read_geometry(checkpoint)
+    geo = read_shape(checkpoint)
     if name:
         geo = replace(geo, name=name)
     weights = Weights(checkpoint)
@@ -83,7 +83,7 @@ def _check_quant(quant: str) -> None:
         raise ConversionError(f"--gguf {quant} is not supported; to resolve, choose one of {', '.join(GGUF_TYPES)}")
 
 
-def _write(path: Path, geo: Geometry, vocab: Vocab, planned: list[Planned], weights: Weights, quant: str) -> None:
+def _write(path: Path, geo: GgufShape, vocab: Vocab, planned: list[Planned], weights: Weights, quant: str) -> None:
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
     try:
         _add_hparams(writer, geo, quant)
@@ -101,7 +101,7 @@ def _write(path: Path, geo: Geometry, vocab: Vocab, planned: list[Planned], weig
         writer.close()
 
 
-def _add_hparams(writer: gguf.GGUFWriter, geo: Geometry, quant: str) -> None:
+def _add_hparams(writer: gguf.GGUFWriter, geo: GgufShape, quant: str) -> None:
     """The deepseek2 keys llama.cpp reads for a q-LoRA-free MLA model."""
     writer.add_name(geo.name)
     ftype = gguf.LlamaFileType
@@ -127,7 +127,7 @@ def _add_hparams(writer: gguf.GGUFWriter, geo: Geometry, quant: str) -> None:
     writer.add_value_length_mla(geo.v_dim)
 
 
-def _add_expert_hparams(writer: gguf.GGUFWriter, geo: Geometry) -> None:
+def _add_expert_hparams(writer: gguf.GGUFWriter, geo: GgufShape) -> None:
     """Dense: no expert keys (n_expert 0). MoE: the routing, with one expert group (llama.cpp asserts
     n_expert_groups < n_expert)."""
     e = geo.experts

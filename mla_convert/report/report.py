@@ -75,7 +75,7 @@ from rich.table import Table
 from ..conversion.driver import LayerStats
 from ..evaluate.verify import Verification
 from ..plan.plan import Plan
-from ..plan.target_config import DTYPE_NAMES
+from ..plan.target_config import TORCH_DTYPE_NAMES
 from ..source.checkpoint import Source
 from ..source.gguf_header import gguf_general
 from ..util.names import strip_paths
@@ -175,7 +175,7 @@ class Report:
                 "rope_theta": plan.rope_theta,
                 "rotary_stride": plan.stride,
                 "rotary_density": plan.density,
-                "dtype": DTYPE_NAMES[plan.dtype],
+                "dtype": TORCH_DTYPE_NAMES[plan.dtype],
                 "split_reason": plan.split_reason,
                 "lossless_kv_rank": plan.full_kv_rank,
                 "rotary_slots": [list(s) if s is not None else None for s in plan.slots],
