@@ -102,7 +102,7 @@ def gguf_file(model: Path, converted: bool, weights: str = "bf16", layout: str =
         return serve.llama_gguf(model, weights, WORK / f"{model.name}-{weights}.gguf")
     target = WORK / f"{model.name}-{weights}.gguf"
     if not target.is_file():
-        from mla_convert.engines.gguf_export import write_gguf
+        from mla_convert.engines.gguf_writer import write_gguf
 
         write_gguf(model, target, quant=weights)
     if layout == "legacy":

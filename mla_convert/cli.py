@@ -178,7 +178,7 @@ def convert(
         _dry_run(model_in, model_out, options, verbose)
         return
     if model_out is None:
-        _fail("missing argument MODEL_OUT (or pass --dry-run to only see the plan)", verbose)
+        _fail("missing argument MODEL_OUT (or pass --dry-run to only see the plan)")
     assert model_out is not None
     _convert(model_in, model_out, options, quiet, verbose)
 
@@ -205,7 +205,7 @@ def verify(
         _quiet_libraries(verbose)
         found = api.verify_output(model_out)
     except ConversionError as exc:
-        _fail(str(exc), verbose)
+        _fail(str(exc))
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]")
         raise typer.Exit(130) from None
@@ -232,7 +232,7 @@ def _dry_run(model_in: str, model_out: Path | None, options: Options, verbose: b
         _quiet_libraries(verbose)
         found = api.dry_run(model_in, options, model_out=model_out)
     except ConversionError as exc:
-        _fail(str(exc), verbose)
+        _fail(str(exc))
     from .plan.preview import preview_lines  # imports torch: only once the flags have passed
 
     for line in preview_lines(found, options.device):
@@ -262,7 +262,7 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
             )
             report = api.convert(model_in, model_out, options, hooks=hooks)
     except ConversionError as exc:
-        _fail(str(exc), verbose)
+        _fail(str(exc))
     except KeyboardInterrupt:
         signals.farewell(None)
         line = _interrupted_line(model_out)
@@ -273,8 +273,7 @@ def _convert(model_in: str, model_out: Path, options: Options, quiet: bool, verb
             raise
         _fail(
             f"unexpected failure: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-            "(run with -v for the traceback)",
-            verbose,
+            "(run with -v for the traceback)"
         )
     _show_result(report, model_out, quiet)
     if not quiet and main_process:
@@ -372,7 +371,7 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore")
 
 
-def _fail(message: str, verbose: bool) -> None:
+def _fail(message: str) -> None:
     # Messages quote user paths, which may hold '[...]' that rich would read as markup.
     err.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)

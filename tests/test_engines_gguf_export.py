@@ -1,5 +1,5 @@
-"""The GGUF writer (engines/gguf_export.py), read back with gguf's own reader; llama.cpp itself runs the
-files in tests/test_engines_llamacpp.py.
+"""The GGUF writer (engines/gguf_writer.py, gguf_layout.py, gguf_vocab.py), read back with gguf's own reader;
+llama.cpp itself runs the files in tests/test_engines_llamacpp.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from safetensors import safe_open
 from transformers import LlamaConfig
 
-from mla_convert.engines import gguf_export
-from mla_convert.engines.gguf_export import write_gguf
+from mla_convert.engines import gguf_layout, gguf_vocab
+from mla_convert.engines.gguf_writer import write_gguf
 from mla_convert.errors import ConversionError
 from mla_convert.job import Options, run
 
@@ -200,14 +200,14 @@ def test_a_zeroed_latent_is_caught_before_the_file_lands(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forcing kv_a to q8_0 (f16 block scales) zeroes its latent rows: the writer refuses, leaving nothing."""
-    plan = gguf_export._planned
+    plan = gguf_layout._planned
 
     def q8_everything(base: str, source: str, part: str, shape: tuple[int, ...], quant: str) -> object:
         p = plan(base, source, part, shape, quant)
-        kind = "q8_0" if base.endswith(gguf_export.KV_A) else p.kind
-        return gguf_export.Planned(p.name, p.source, p.part, p.shape, kind)
+        kind = "q8_0" if base.endswith(gguf_layout.KV_A) else p.kind
+        return gguf_layout.Planned(p.name, p.source, p.part, p.shape, kind)
 
-    monkeypatch.setattr(gguf_export, "_planned", q8_everything)
+    monkeypatch.setattr(gguf_layout, "_planned", q8_everything)
     with pytest.raises(ConversionError, match=r"latent rows of blk\.0\.attn_kv_a_mqa\.weight would be stored as zeros"):
         write_gguf(checkpoint, tmp_path / "model.gguf", quant="q8_0")
     assert list(tmp_path.iterdir()) == []
@@ -260,8 +260,8 @@ def test_unknown_pre_tokenizer_is_refused_with_nothing_written(checkpoint: Path,
     [
         ([{"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}], "gpt-2"),
         ([{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}], "smollm"),
-        ([{"type": "Split", "pattern": {"Regex": gguf_export.LLAMA3_REGEX}, "behavior": "Isolated"}], "llama-bpe"),
-        ([{"type": "Split", "pattern": {"Regex": gguf_export.QWEN2_REGEX}, "behavior": "Isolated"}], "qwen2"),
+        ([{"type": "Split", "pattern": {"Regex": gguf_vocab.LLAMA3_REGEX}, "behavior": "Isolated"}], "llama-bpe"),
+        ([{"type": "Split", "pattern": {"Regex": gguf_vocab.QWEN2_REGEX}, "behavior": "Isolated"}], "qwen2"),
         ([{"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}], None),
     ],
 )
@@ -271,9 +271,9 @@ def test_pre_tokenizer_names(steps: list[dict], name: str | None) -> None:
     tok = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}, "decoder": {"type": "ByteLevel"}}
     if name is None:
         with pytest.raises(ConversionError):
-            gguf_export.identify_pre_tokenizer(tok)
+            gguf_vocab.identify_pre_tokenizer(tok)
     else:
-        assert gguf_export.identify_pre_tokenizer(tok) == name
+        assert gguf_vocab.identify_pre_tokenizer(tok) == name
 
 
 def test_tokenizer_from_files_is_padded_to_the_embedding_rows(f32_file: tuple[Path, dict], checkpoint: Path) -> None:
@@ -353,7 +353,7 @@ def test_sentencepiece_style_tokenizer_becomes_llama_with_merge_scores(checkpoin
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
         folder
     )
-    fields = {f.key: f.value for f in gguf_export.vocab_from_files(folder, TINY["vocab_size"]).fields}
+    fields = {f.key: f.value for f in gguf_vocab.vocab_from_files(folder, TINY["vocab_size"]).fields}
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is True
     types, scores = fields["tokenizer.ggml.token_type"], fields["tokenizer.ggml.scores"]
     tt = gguf.TokenType

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, Qwen3Config
 
-from mla_convert.engines import gguf_export, runtime
-from mla_convert.engines.gguf_export import write_gguf
+from mla_convert.engines import gguf_layout, runtime
+from mla_convert.engines.gguf_writer import write_gguf
 from mla_convert.job import Options, run
+from mla_convert.options import GGUF_TYPES
 
 from .conftest import ENGINE_SIZED, build_moe, build_tiny
 from .test_engines_gguf_export import save_bpe_tokenizer
@@ -95,7 +96,7 @@ def _gguf_runs(checkpoints, smollm2_gguf) -> dict[tuple[str, str, str], dict]:
     """Every GGUF to run: (checkpoint name, type, options) -> probe run."""
     runs = {}
     for name, (path, prompts) in checkpoints.items():
-        for quant in ("f32",) if name in F32_ONLY else gguf_export.GGUF_TYPES:
+        for quant in ("f32",) if name in F32_ONLY else GGUF_TYPES:
             lent = smollm2_gguf if name == "SmolLM2" and quant == "f32" else None  # as the CLI does for a .gguf input
             out = path / f"model-{quant}.gguf"
             write_gguf(path, out, quant=quant, tokenizer_gguf=lent)
@@ -134,18 +135,18 @@ def references(checkpoints) -> dict[str, dict]:
 @contextmanager
 def _kv_a_in_q8_0() -> Iterator[None]:
     """The negative control: the writer stores kv_a in q8_0 too, with its latent check off."""
-    plan, check = gguf_export._planned, gguf_export.check_latent_rows
+    plan, check = gguf_layout._planned, gguf_layout.check_latent_rows
 
-    def planned(base: str, source: str, part: str, shape: tuple[int, ...], quant: str) -> gguf_export.Planned:
+    def planned(base: str, source: str, part: str, shape: tuple[int, ...], quant: str) -> gguf_layout.Planned:
         p = plan(base, source, part, shape, quant)
-        kind = "q8_0" if base.endswith(gguf_export.KV_A) else p.kind
-        return gguf_export.Planned(p.name, p.source, p.part, p.shape, kind)
+        kind = "q8_0" if base.endswith(gguf_layout.KV_A) else p.kind
+        return gguf_layout.Planned(p.name, p.source, p.part, p.shape, kind)
 
-    gguf_export._planned, gguf_export.check_latent_rows = planned, lambda *args: None
+    gguf_layout._planned, gguf_layout.check_latent_rows = planned, lambda *args: None
     try:
         yield
     finally:
-        gguf_export._planned, gguf_export.check_latent_rows = plan, check
+        gguf_layout._planned, gguf_layout.check_latent_rows = plan, check
 
 
 def _agreement(results, references, key) -> runtime.Agreement:

@@ -33,13 +33,21 @@ def test_stages_import_only_the_stages_below_them_and_no_module_imports_itself_b
     assert "2 kept, 0 broken" in result.stdout
 
 
-def test_the_contracts_catch_an_import_that_climbs_back_up(tmp_path: Path) -> None:
-    """The check is live: in a copy of the package where the math imports the report, it fails and says so."""
+CLIMBS = {
+    "at run time": "\n\ndef _climb():\n    from ..report import report  # noqa: F401\n",
+    "for type checking only": "\nimport typing\n\nif typing.TYPE_CHECKING:\n    from ..report import report\n",
+}
+
+
+@pytest.mark.parametrize("climb", CLIMBS, ids=list(CLIMBS))
+def test_the_contracts_catch_an_import_that_climbs_back_up(tmp_path: Path, climb: str) -> None:
+    """The check is live: in a copy of the package where the math imports the report (at run time, or only
+    for type checking), it fails and says so."""
     copy = tmp_path / "copy"
     shutil.copytree(PACKAGE, copy / "mla_convert", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
     exact = copy / "mla_convert" / "mla" / "exact.py"
-    exact.write_text(exact.read_text() + "\n\ndef _climb():\n    from ..report import report  # noqa: F401\n")
+    exact.write_text(exact.read_text() + CLIMBS[climb])
     found = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     assert found is not None
     result = subprocess.run(
@@ -68,3 +76,20 @@ def test_each_stage_says_what_it_takes_and_gives_and_where_to_start() -> None:
         for module in named:
             where = init.parent / module if "/" not in module else PACKAGE / module
             assert where.is_file(), f"{init.parent.name}/__init__.py names {module}, which does not exist"
+
+
+def test_what_the_hooks_receive_has_every_attribute_their_views_name() -> None:
+    """hooks.py types its callbacks by Protocols (it sits below the stages); the stages' classes fit them."""
+    import dataclasses
+
+    from mla_convert import hooks
+    from mla_convert.conversion.driver import LayerStats
+    from mla_convert.plan.plan import Plan
+    from mla_convert.plan.serving import Verdict
+    from mla_convert.train.distill import StepInfo
+
+    views = {hooks.PlanView: Plan, hooks.VerdictView: Verdict, hooks.LayerView: LayerStats, hooks.StepView: StepInfo}
+    for view, given in views.items():
+        named = {name for name, member in vars(view).items() if isinstance(member, property)}
+        fields = {f.name for f in dataclasses.fields(given)}
+        assert named and named <= fields, (view.__name__, sorted(named - fields))

@@ -9,7 +9,6 @@ named (see docs/method.md, "Serving engines"); "tested" marks the ones the proje
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..profiles import VLLM, profile
 from .plan import Plan
@@ -108,8 +107,3 @@ def _llama_cpp(target: str, gguf: str | None) -> Verdict:
             "its loader rejects for this layout)",
         )
     return Verdict("llama.cpp", SERVES, f"MODEL_OUT/*.gguf ({gguf}); tested with {LLAMA_CPP_VERSION}")
-
-
-def verdicts_of_report(report: dict[str, Any]) -> list[Verdict]:
-    """The verdicts stored in a report (the card renders them without the plan)."""
-    return [Verdict(**row) for row in report.get("engines") or []]

@@ -21,7 +21,7 @@ TRANSFORMERS_ONLY = (
     " that vLLM and SGLang replace by their own rope, so they load this checkpoint but compute it wrongly."
     " Run it with transformers only."
 )
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def portable_rope(theta: float, max_positions: int) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def deepseek_config(plan: Plan, source_config: Any) -> dict[str, Any]:
         "bos_token_id": getattr(source_config, "bos_token_id", None),
         "eos_token_id": getattr(source_config, "eos_token_id", None),
         "pad_token_id": getattr(source_config, "pad_token_id", None),
-        "dtype": DTYPE_NAMES[plan.dtype],
+        "dtype": TORCH_DTYPE_NAMES[plan.dtype],
     }
     if geo.experts is not None:
         config.update(expert_keys(geo))

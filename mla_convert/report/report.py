@@ -86,7 +86,7 @@ from ..conversion.driver import LayerStats
 from ..evaluate.validation import Validated
 from ..evaluate.verify import Verification
 from ..plan.plan import Plan
-from ..plan.target_config import DTYPE_NAMES
+from ..plan.target_config import TORCH_DTYPE_NAMES
 from ..source.checkpoint import Source
 from ..source.gguf_header import gguf_general
 from ..train.finetune import FinetuneSection
@@ -232,7 +232,7 @@ class Report:
                 "rope_theta": plan.rope_theta,
                 "rotary_stride": plan.stride,
                 "rotary_density": plan.density,
-                "dtype": DTYPE_NAMES[plan.dtype],
+                "dtype": TORCH_DTYPE_NAMES[plan.dtype],
                 "split_reason": plan.split_reason,
                 "lossless_kv_rank": plan.full_kv_rank,
                 "rotary_slots": [list(s) if s is not None else None for s in plan.slots],
@@ -403,19 +403,6 @@ def _front_matter(readme: Path | None) -> dict[str, Any]:
         return metadata_load(readme) or {}
     except Exception:  # unreadable file, bad YAML, a block that is not a mapping
         return {}
-
-
-def engines_table(rows: list[dict[str, str]]) -> Table:
-    """Which serving engines load this checkpoint and compute what transformers computes."""
-    table = Table(title="Serving engines")
-    table.add_column("engine")
-    table.add_column("status")
-    table.add_column("why")
-    colours = {"serves": "green", "untested": "yellow"}
-    for row in rows:
-        colour = colours.get(row["status"], "red")
-        table.add_row(row["engine"], f"[{colour}]{row['status']}[/{colour}]", row["detail"])
-    return table
 
 
 def layer_table(report: dict[str, Any]) -> Table:

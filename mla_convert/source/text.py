@@ -380,9 +380,7 @@ def text_sets(
             evaluation = _first_tokens(held_out, eval_tokens, seq_len)
     calib: TokenWindows | None = None
     calib_long: TokenWindows | None = None
-    if not need_calib:
-        pass
-    elif calib_data:
+    if need_calib and calib_data:
         windows = windows_of(calib_data, seq_len)
         calib, held_out, warnings = split_windows(
             windows, calib_tokens, seq_len, calib_data, want_eval=need_eval and evaluation is None
@@ -401,7 +399,7 @@ def text_sets(
             stream = streams[calib_data]
             pool = stream[: held_out.held_span[0]] if held_out is not None and held_out.held_span else stream
             calib_long = _long_calibration(pool, calib_long_len, calib_long_windows, calib.origin)
-    else:
+    elif need_calib:
         count = max(1, calib_tokens // seq_len)
         notes.append(f"no --calib-data: calibrating on {count * seq_len} tokens sampled from the source model itself")
         calib = TokenWindows(

@@ -165,9 +165,3 @@ class ShardFile:
         self._fh.write(text.ljust(self.capacity, b" "))
         self._fh.close()
         self._fh = None
-
-    def abandon(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self.path.unlink(missing_ok=True)
