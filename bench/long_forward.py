@@ -26,7 +26,7 @@ def child(model_dir: str, length: int, how: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mla_convert.evaluate.long_context import CHUNK, final_hidden, head_log_probs
+    from mla_convert.evaluate.long_context import HEAD_POSITIONS, final_hidden, head_log_probs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -35,8 +35,8 @@ def child(model_dir: str, length: int, how: str) -> dict:
     with torch.no_grad():
         if how == "validation":
             hidden = final_hidden(model, ids)
-            for first in range(0, length, CHUNK):
-                head_log_probs(model, hidden[0, first : first + CHUNK])
+            for first in range(0, length, HEAD_POSITIONS):
+                head_log_probs(model, hidden[0, first : first + HEAD_POSITIONS])
         else:
             model(ids).logits.float().log_softmax(-1)
     seconds = time.monotonic() - started

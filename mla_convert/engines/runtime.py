@@ -66,7 +66,6 @@ LLAMA_CPP = EngineSpec(
         "-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON",
     },
 )
-ENGINES = {spec.name: spec for spec in (VLLM, LLAMA_CPP)}
 
 
 def cache_root() -> Path:

@@ -6,7 +6,7 @@ validation also scores long windows of held-out text by position (perplexity rat
 buckets, plan/long_eval.bucket_edges) and hides a passkey at several depths of prompts of several lengths.
 
 Memory: every model runs its layers once over a window (sdpa attention, no cache kept), and the output
-head is applied in chunks of CHUNK positions, so the [tokens, vocab] logits of a whole window never exist.
+head is applied in chunks of HEAD_POSITIONS positions, so the [tokens, vocab] logits of a whole window never exist.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from ..plan.long_eval import LongEvalPlan, bucket_edges, near_far
 
-CHUNK = 1024  # positions per output-head chunk: [CHUNK, vocab] float32 logits at a time
+HEAD_POSITIONS = 1024  # positions per output-head chunk: [HEAD_POSITIONS, vocab] float32 logits at a time
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
@@ -122,8 +122,8 @@ def position_sums(source: Any, models: dict[str, Any], windows: torch.Tensor) ->
         target = ids[0, 1:]
         src_hidden = final_hidden(source, ids)
         hidden = {name: final_hidden(model, ids) for name, model in models.items()}
-        for first in range(0, length - 1, CHUNK):
-            last = min(first + CHUNK, length - 1)
+        for first in range(0, length - 1, HEAD_POSITIONS):
+            last = min(first + HEAD_POSITIONS, length - 1)
             ref = head_log_probs(source, src_hidden[0, first:last].to(source.device)).cpu()
             picked = target[first:last, None]
             src.nll[first:last] -= ref.gather(-1, picked)[:, 0].double()

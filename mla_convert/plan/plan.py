@@ -33,7 +33,7 @@ from ..source.families import (
 # The smallest budget docs/results.md measured, and what it gave: below it a setting is unmeasured.
 MEASURED_FLOOR = 0.125
 MEASURED_FLOOR_RESULT = "SmolLM2-135M one-shot reached 31.8x the source perplexity"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -241,86 +241,24 @@ def make_plan(
         return _engine_plan(
             config, geo, engine, target, kv_rank, rope_dim, kv_budget, dtype, stride, density, allow_full_attention
         )
-    # d: the rotating width of a head (head_dim unless the source rotates only part of it; the rest of the
-    # head never rotates and rides in the latent exactly)
-    d, kv = geo.rotary_dim, geo.kv_heads
     rules = profile(target)
-    if d % 2 or geo.head_dim % 2:
-        raise ConversionError(f"head_dim {geo.head_dim} (rotating {d}) is odd; RoPE needs an even head dimension")
-    if rules.ladder and rope_dim is not None and rope_dim > d and density == 1 and not rope_padding:
-        density = -(-rope_dim // d)  # a rotary key wider than head_dim is a dense ladder
-        if density > kv:
-            raise ConversionError(
-                f"--rope-dim {rope_dim} is wider than the portable profile can fill: at most {kv * d} ({kv} KV heads "
-                f"of {d}, each source frequency holding up to {kv} components)"
-            )
-        if stride != 1:
-            raise ConversionError(f"a rotary key of {rope_dim} (wider than head_dim {d}) needs ladder stride 1")
-    if density < 1 or (density > 1 and (not rules.ladder or stride != 1 or density > kv)):
-        raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
-    max_rope = rules.max_rope(d, kv, density)
-    warnings: list[str] = []
-    warnings.extend(family_warnings(geo))
-    window = sliding_window(config)
-    if window is not None:
-        warnings.append(
-            f"--allow-full-attention: the source attends to the last {window} tokens only, the converted model to "
-            f"all earlier tokens; the two compute the same on contexts up to {window} tokens and differ beyond"
-        )
-
+    density = _ladder_density(rules, geo, rope_dim, stride, density, rope_padding)
+    max_rope = rules.max_rope(geo.rotary_dim, geo.kv_heads, density)
+    warnings = family_warnings(geo) + _window_warnings(config)
     if rope_dim is not None:
         _check_rope_dim(rope_dim, max_rope if not rope_padding else max(max_rope, rope_dim), target)
     if kv_budget is not None:
-        total = math.floor(kv_budget * geo.kv_elements)
-        lossless_latent = min(geo.kv_elements - max_rope, geo.hidden + int(rules.keep_bias(geo.qkv_bias)))
-        if total >= max_rope + lossless_latent:
-            rope_dim, kv_rank = max_rope, lossless_latent
-        else:
-            rope_dim = min(max_rope, max(2, 2 * (total // 6)))
-            kv_rank = total - rope_dim
-        if kv_rank < 1:
-            raise ConversionError(
-                f"--kv-budget {kv_budget} leaves {total} cache elements per token, too few for a rotary key "
-                f"and a latent; the smallest usable budget is {3 / geo.kv_elements:.4f}"
-            )
-        split_reason = f"budget {kv_budget} of {geo.kv_elements} = {total} elements: " + (
-            "enough for the lossless map"
-            if rope_dim == max_rope and kv_rank == lossless_latent
-            else f"rope {rope_dim} (a third, even, at most {max_rope}), latent {kv_rank}"
-        )
+        rope_dim, kv_rank, split_reason = _budget_split(rules, geo, kv_budget, max_rope)
     else:
         split_reason = "ranks given on the command line" if kv_rank or rope_dim else "full size (lossless map)"
     if rope_dim is None:
         rope_dim = max_rope
-
-    inv_freq, rope_scaling = source_inv_freq(config, d)
-    if rules.ladder:
-        padded = rope_padding and rope_dim > d and stride == 1 and density == 1
-        if stride < 1 or ((rope_dim // 2 - 1) // density * stride > d // 2 - 1 and not padded):
-            raise ConversionError(
-                f"a rotary ladder of {rope_dim // 2} frequencies at stride {stride} overruns the source's {d // 2}"
-            )
-        theta = portable_theta(geo.rope_theta, rope_dim, d, stride, density)
-        slot_freq = ladder(rope_dim, theta)
-        slots: list[Slot] = list(near_slots(match_ladder(slot_freq, inv_freq), density, d // 2))
-        # only a slot meant to hold a source frequency exactly can lose one; the others are padding
-        empty = sum(1 for s in slots[: density * d // 2 : density] if s is None)
-        if empty:
-            warnings.append(
-                f"{empty} of {len(slots)} rotary slots match no source frequency (rope type '{geo.rope_type}'); "
-                "those source frequencies lose their rotation"
-            )
-    else:
-        theta = geo.rope_theta
-        slots = _best_components(inv_freq, kv, rope_dim // 2, key_energy)
-        slot_freq = torch.stack([inv_freq[i] for i, _ in slots])  # type: ignore[misc]
-
-    slot_count = [0] * (d // 2)
-    for s in slots:
-        if s is not None:
-            slot_count[s[0]] += 1
-    structural = geo.kv_elements - 2 * sum(slot_count)  # every key and value element no slot holds
-    full_kv_rank = min(structural, geo.hidden + int(rules.keep_bias(geo.qkv_bias)))
+    inv_freq, rope_scaling = source_inv_freq(config, geo.rotary_dim)
+    theta, slots, slot_freq, empty = _rotary_slots(
+        rules, geo, inv_freq, rope_dim, stride, density, rope_padding, key_energy
+    )
+    warnings += empty
+    full_kv_rank = _lossless_rank(rules, geo, slots)
     if kv_rank is None:
         kv_rank = full_kv_rank
     if kv_rank < 1 or kv_rank > full_kv_rank:
@@ -328,17 +266,13 @@ def make_plan(
             f"--kv-rank must be between 1 and {full_kv_rank} (the lossless latent width for this model and "
             f"rope width), got {kv_rank}"
         )
-
     fraction = (kv_rank + rope_dim) / geo.kv_elements
     if kv_rank < full_kv_rank and fraction < MEASURED_FLOOR:
         warnings.append(
             f"a {kv_rank + rope_dim}-element cache is {fraction:.3f} of the source's, below the smallest budget the "
             f"benchmarks measured ({MEASURED_FLOOR}: {MEASURED_FLOOR_RESULT}); expect a much worse model"
         )
-    keep_bias = rules.keep_bias(geo.qkv_bias)
-    warnings.extend(rules.warnings(geo.qkv_bias, geo.family.multipliers))
-
-    resolved_dtype = resolve_dtype(dtype, config)
+    warnings += rules.warnings(geo.qkv_bias, geo.family.multipliers)
     source_scale = geo.head_dim**-0.5 * rope_scaling**2
     target_scale = (geo.head_dim + rope_dim) ** -0.5
     return Plan(
@@ -350,8 +284,8 @@ def make_plan(
         full_kv_rank=full_kv_rank,
         slots=slots,
         slot_inv_freq=slot_freq,
-        dtype=resolved_dtype,
-        keep_bias=keep_bias,
+        dtype=resolve_dtype(dtype, config),
+        keep_bias=rules.keep_bias(geo.qkv_bias),
         q_scale=source_scale / target_scale,
         residual_scale=math.sqrt(LATENT_NORM_EPS / geo.rms_norm_eps),
         split_reason=split_reason,
@@ -360,6 +294,103 @@ def make_plan(
         density=density,
         engine=engine,
     )
+
+
+def _ladder_density(
+    rules: Profile, geo: Geometry, rope_dim: int | None, stride: int, density: int, rope_padding: bool
+) -> int:
+    """Slots per source frequency: a portable rotary key wider than the rotating head width is a dense ladder.
+
+    d is the rotating width of a head (head_dim unless the source rotates only part of it; the rest of the
+    head never rotates and rides in the latent exactly)."""
+    d, kv = geo.rotary_dim, geo.kv_heads
+    if d % 2 or geo.head_dim % 2:
+        raise ConversionError(f"head_dim {geo.head_dim} (rotating {d}) is odd; RoPE needs an even head dimension")
+    if rules.ladder and rope_dim is not None and rope_dim > d and density == 1 and not rope_padding:
+        density = -(-rope_dim // d)
+        if density > kv:
+            raise ConversionError(
+                f"--rope-dim {rope_dim} is wider than the portable profile can fill: at most {kv * d} ({kv} KV heads "
+                f"of {d}, each source frequency holding up to {kv} components)"
+            )
+        if stride != 1:
+            raise ConversionError(f"a rotary key of {rope_dim} (wider than head_dim {d}) needs ladder stride 1")
+    if density < 1 or (density > 1 and (not rules.ladder or stride != 1 or density > kv)):
+        raise ConversionError(f"internal: a rotary ladder of density {density} needs the portable profile, stride 1")
+    return density
+
+
+def _window_warnings(config: Any) -> list[str]:
+    window = sliding_window(config)
+    if window is None:
+        return []
+    return [
+        f"--allow-full-attention: the source attends to the last {window} tokens only, the converted model to "
+        f"all earlier tokens; the two compute the same on contexts up to {window} tokens and differ beyond"
+    ]
+
+
+def _budget_split(rules: Profile, geo: Geometry, kv_budget: float, max_rope: int) -> tuple[int, int, str]:
+    """The data-free split of a budget: a third to the rotary key (even, at most max_rope), the rest to the
+    latent; the lossless map when the budget covers it. The measured split (split.py) may replace it."""
+    total = math.floor(kv_budget * geo.kv_elements)
+    lossless_latent = min(geo.kv_elements - max_rope, geo.hidden + int(rules.keep_bias(geo.qkv_bias)))
+    if total >= max_rope + lossless_latent:
+        rope_dim, kv_rank = max_rope, lossless_latent
+    else:
+        rope_dim = min(max_rope, max(2, 2 * (total // 6)))
+        kv_rank = total - rope_dim
+    if kv_rank < 1:
+        raise ConversionError(
+            f"--kv-budget {kv_budget} leaves {total} cache elements per token, too few for a rotary key "
+            f"and a latent; the smallest usable budget is {3 / geo.kv_elements:.4f}"
+        )
+    reason = f"budget {kv_budget} of {geo.kv_elements} = {total} elements: " + (
+        "enough for the lossless map"
+        if rope_dim == max_rope and kv_rank == lossless_latent
+        else f"rope {rope_dim} (a third, even, at most {max_rope}), latent {kv_rank}"
+    )
+    return rope_dim, kv_rank, reason
+
+
+def _rotary_slots(
+    rules: Profile,
+    geo: Geometry,
+    inv_freq: torch.Tensor,
+    rope_dim: int,
+    stride: int,
+    density: int,
+    rope_padding: bool,
+    key_energy: Callable[[], torch.Tensor] | None,
+) -> tuple[float, list[Slot], torch.Tensor, list[str]]:
+    """The rotary key's theta, which source component each slot holds, the slots' frequencies, and a warning
+    when ladder slots meant to hold a source frequency match none."""
+    d = geo.rotary_dim
+    if not rules.ladder:
+        slots = _best_components(inv_freq, geo.kv_heads, rope_dim // 2, key_energy)
+        return geo.rope_theta, slots, torch.stack([inv_freq[i] for i, _ in slots]), []  # type: ignore[misc]
+    padded = rope_padding and rope_dim > d and stride == 1 and density == 1
+    if stride < 1 or ((rope_dim // 2 - 1) // density * stride > d // 2 - 1 and not padded):
+        raise ConversionError(
+            f"a rotary ladder of {rope_dim // 2} frequencies at stride {stride} overruns the source's {d // 2}"
+        )
+    theta = portable_theta(geo.rope_theta, rope_dim, d, stride, density)
+    slot_freq = ladder(rope_dim, theta)
+    slots: list[Slot] = list(near_slots(match_ladder(slot_freq, inv_freq), density, d // 2))
+    # only a slot meant to hold a source frequency exactly can lose one; the others are padding
+    empty = sum(1 for s in slots[: density * d // 2 : density] if s is None)
+    warning = (
+        f"{empty} of {len(slots)} rotary slots match no source frequency (rope type '{geo.rope_type}'); "
+        "those source frequencies lose their rotation"
+    )
+    return theta, slots, slot_freq, [warning] if empty else []
+
+
+def _lossless_rank(rules: Profile, geo: Geometry, slots: list[Slot]) -> int:
+    """The latent width that loses nothing: every key and value element no rotary slot holds, at most the
+    hidden size (plus one for a kept bias)."""
+    held = sum(1 for s in slots if s is not None)
+    return min(geo.kv_elements - 2 * held, geo.hidden + int(rules.keep_bias(geo.qkv_bias)))
 
 
 def _engine_plan(
@@ -397,8 +428,12 @@ def _engine_plan(
         "density": density,
         "allow_full_attention": allow_full_attention,
     }
-    if kv_rank is None:
-        kv_rank = min(make_plan(config, **fixed).full_kv_rank, widths.latent)
+    if kv_rank is None:  # every real component the fixed rotary key leaves, up to the latent's width
+        rules = profile(target)
+        dense = _ladder_density(rules, geo, widths.rope, stride, density, True)
+        inv_freq, _ = source_inv_freq(config, geo.rotary_dim)
+        slots = _rotary_slots(rules, geo, inv_freq, widths.rope, stride, dense, True, None)[1]
+        kv_rank = min(_lossless_rank(rules, geo, slots), widths.latent)
     plan = make_plan(config, kv_rank=kv_rank, **fixed)
     real = f"{plan.kv_rank} real latent components" + (
         f" (lossless {plan.full_kv_rank})" if plan.compressed else " (lossless)"
@@ -446,7 +481,7 @@ def resolve_dtype(dtype: str, config: Any) -> torch.dtype:
     if dtype == "auto":
         src = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if isinstance(src, str):
-            src = DTYPES.get(src, torch.float32)
+            src = DTYPE_BY_NAME.get(src, torch.float32)
         resolved = src if isinstance(src, torch.dtype) else torch.float32
         return torch.bfloat16 if resolved == torch.float16 else resolved
-    return DTYPES[dtype]  # float16 and unknown names were refused by check_options
+    return DTYPE_BY_NAME[dtype]  # float16 and unknown names were refused by check_options

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*)/?$")
-HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*$")
+OWNED_HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*$")  # a hub id with its owner: "org/name"
 NOT_MODELS = ("datasets/", "spaces/")
 MAX_BASE_MODELS = 64
 
@@ -25,7 +25,7 @@ def hub_id_of(value: object) -> str | None:
         return None
     text = value.strip()
     match = HUB_URL.match(text)
-    found = match.group(1) if match else (text if HUB_ID.match(text) else None)
+    found = match.group(1) if match else (text if OWNED_HUB_ID.match(text) else None)
     return None if found is None or found.startswith(NOT_MODELS) else found
 
 

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -96,9 +95,7 @@ from ..util.version import VERSION
 from ..write.manifest import file_hashes
 from ..write.writer import write_json, write_text
 from .card import model_card
-from .lineage import gguf_facts
-
-ORG_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*$")  # a hub id with its owner: "org/name"
+from .lineage import OWNED_HUB_ID, gguf_facts
 
 
 class Calibration(TypedDict, total=False):
@@ -341,7 +338,7 @@ def source_facts(source: Source) -> dict[str, Any]:
     declared = raw.get("_name_or_path") or getattr(source.config, "_name_or_path", None)
     if not local:
         hub_id: str | None = label
-    elif isinstance(declared, str) and ORG_NAME.match(declared) and not _is_local(declared, source.root):
+    elif isinstance(declared, str) and OWNED_HUB_ID.match(declared) and not _is_local(declared, source.root):
         hub_id = declared  # e.g. a local copy saved from the hub, whose config still names its repo
     else:
         hub_id = None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?$")  # "name" or "org/name"
+HUB_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?$")  # "name" or "org/name"
 
 
 def check_model_in(model_in: str) -> Path | None:
@@ -21,7 +21,7 @@ def check_model_in(model_in: str) -> Path | None:
         if not path.is_dir():
             raise ConversionError(f"MODEL_IN must be a model directory, a hub id or a .gguf file: {path}")
         return path
-    if not HUB_ID.match(model_in):
+    if not HUB_NAME.match(model_in):
         raise ConversionError(f"model path not found: {path}")
     return None
 

@@ -10,7 +10,7 @@ import hashlib
 import re
 from pathlib import Path, PurePath
 
-CHUNK = 8 * 1024**2
+READ_BYTES = 8 * 1024**2
 # An absolute path in free text: /a/b, ~/a or C:\a, not inside a word, a URL or a ratio such as K/V.
 ABSOLUTE = re.compile(r"(?<![\w./:~-])(?:~|[A-Za-z]:)?[/\\](?=[^\s/\\])[^\s`'\"()|,;<>]*")
 
@@ -37,6 +37,6 @@ def sha256_of(path: Path) -> str:
     """The file's sha256, read in chunks (a shard may be larger than memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while chunk := file.read(CHUNK):
+        while chunk := file.read(READ_BYTES):
             digest.update(chunk)
     return digest.hexdigest()

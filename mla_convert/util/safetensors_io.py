@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import torch
 
-DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -31,7 +31,7 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-CODES = {dtype: code for code, dtype in DTYPES.items()}
+CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 HEADER_CAPACITY = 64 * 1024  # room for ~500 tensor entries per shard; a multiple of 8 keeps data aligned
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
@@ -68,10 +68,12 @@ def read_header(path: Path) -> dict[str, Entry]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info["dtype"] not in DTYPES:
+            if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise SafetensorsError(f"tensor '{name}' has unsupported dtype {info['dtype']}")
             begin, end = (int(x) for x in info["data_offsets"])
-            entries[name] = Entry(DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]), base + begin, base + end)
+            entries[name] = Entry(
+                SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]), base + begin, base + end
+            )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, SafetensorsError):
             raise
