@@ -1,6 +1,11 @@
 """Outputs do not change by accident: fixed conversions give the bytes recorded in tests/data/same_outputs.json
-(weights, config, tokenizer) on a tiny model and on SmolLM2 with a 2-step fine-tune. A refactor must keep them;
-a change meant to alter outputs records them again (tests/same_outputs.py says how)."""
+(weights, config, tokenizer, GGUF, and the report without its times) on a tiny model (both profiles, a fine-tune,
+both GGUF paths, the vLLM widths) and on SmolLM2 (a 2-step fine-tune, and the transformers profile). A refactor
+must keep them; a change meant to alter outputs records them again (tests/same_outputs.py says how).
+
+The conversions run with the CPU kernels pinned (same_outputs.PINS), so one record serves every x86-64 machine
+with AVX2. Where no record matches this environment the test fails with what to do: a guard that skipped would
+guard nothing."""
 
 from __future__ import annotations
 
@@ -11,25 +16,19 @@ import pytest
 from . import same_outputs
 
 
-@pytest.fixture
-def golden() -> dict[str, dict[str, str]]:
-    """This machine's record: float sums differ between torch builds and CPU kernels, so bytes are recorded
-    per machine (`python -m tests.same_outputs` adds one)."""
-    here = same_outputs.machine()
-    found = same_outputs.recorded().get(here)
-    if found is None:
-        pytest.skip(f"no bytes recorded for {here}; record them with `python -m tests.same_outputs`")
-    return found
+def check(cases: dict[str, list[str]], tmp_path: Path, smollm2_hf: Path | None = None) -> None:
+    environment, found = same_outputs.convert_pinned(list(cases), tmp_path, smollm2_hf)
+    record = same_outputs.recorded().get(environment)
+    if record is None:
+        pytest.fail(same_outputs.unrecorded(environment), pytrace=False)
+    wrong = same_outputs.differences(record, found)
+    assert not wrong, "output bytes differ from the record (tests/same_outputs.py):\n" + "\n".join(wrong)
 
 
-def test_tiny_conversion_writes_the_recorded_bytes(golden: dict[str, dict[str, str]], tmp_path: Path) -> None:
-    assert same_outputs.tiny(tmp_path) == golden["tiny"]
+def test_tiny_conversions_write_the_recorded_bytes(tmp_path: Path) -> None:
+    check(same_outputs.TINY_CASES, tmp_path)
 
 
 @pytest.mark.slow
-def test_smollm2_conversion_with_a_fine_tune_writes_the_recorded_bytes(
-    golden: dict[str, dict[str, str]], smollm2_hf: Path, tmp_path: Path
-) -> None:
-    if "smollm2" not in golden:
-        pytest.skip("SmolLM2's bytes were not recorded on this machine")
-    assert same_outputs.smollm2(tmp_path, smollm2_hf) == golden["smollm2"]
+def test_smollm2_conversions_write_the_recorded_bytes(smollm2_hf: Path, tmp_path: Path) -> None:
+    check(same_outputs.SMOLLM2_CASES, tmp_path, smollm2_hf)
