@@ -4,9 +4,14 @@ move) is proved to keep it: `tests/test_job_same_outputs.py` reruns them and com
 Float sums, and so the bytes, depend on the CPU kernels that compute them. The conversions therefore run in a
 child process whose environment pins those kernels (PINS): torch's own at AVX2, MKL's (every matrix product
 and decomposition) on its COMPATIBLE branch, one thread. That makes the bytes one record for every x86-64
-machine with AVX2, Intel or AMD, AVX-512 or not. The record's key names that environment and the versions the
-bytes depend on (`environment()`); `.ci/run` installs those versions. Where no record matches (another
-torch, a CPU without AVX2, an ARM machine) the test fails and says so: it never skips.
+machine with AVX2 of the same vendor, AVX-512 or not. The record's key names that environment, the CPU's vendor
+and the versions the bytes depend on (`environment()`); `.ci/run` installs those versions.
+
+Where no record matches (a CPU of another vendor, whose MKL kernels this project has not measured under the
+pins; another torch), the test makes its reference on the spot: the same cases converted, in the same pinned
+environment on the same machine, by the package as it was at the commit that last recorded bytes
+(`reference_commit`: the record and the code that wrote it are committed together). It never skips; without
+git history to make that reference it fails and says so.
 
 Run `python -m tests.same_outputs [SMOLLM2_SAFETENSORS_DIR]` to record this environment's hashes (beside other
 environments' records) after a change that is meant to alter outputs; say so in the commit message.
@@ -28,6 +33,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+CODE = "SAME_OUTPUTS_PACKAGE"  # the child's package folder, when it converts with a reference commit's code
 GOLDEN = DATA / "same_outputs.json"
 REPO = Path(__file__).parent.parent
 
@@ -84,15 +90,28 @@ SMOLLM2_CASES = {
 }  # fmt: skip
 
 
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ...: MKL picks its kernels by vendor, so a record holds for one vendor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown vendor"
+
+
 def environment() -> str:
     """What the bytes depend on besides our code, as this process runs: the CPU kernels (the child's pinned
-    ones), torch, and the transformers, tokenizers and gguf that write the tokenizer files and the GGUF."""
+    ones) and vendor, torch, and the transformers, tokenizers and gguf that write the tokenizer files and the
+    GGUF."""
     import torch
 
     kernels = torch.backends.cpu.get_cpu_capability()
     mkl = f"MKL_CBWR={os.environ.get('MKL_CBWR', 'unset')}" if torch.backends.mkl.is_available() else "no MKL"
     versions = ", ".join(f"{name} {version(name)}" for name in ("transformers", "tokenizers", "gguf"))
-    return f"{platform.machine()} {kernels} kernels, {mkl}, 1 thread; torch {torch.__version__}, {versions}"
+    where = f"{platform.machine()} {cpu_vendor()}"
+    return f"{where} {kernels} kernels, {mkl}, 1 thread; torch {torch.__version__}, {versions}"
 
 
 def steady_report(path: Path) -> bytes:
@@ -169,19 +188,48 @@ def _convert_cases(cases: list[str], root: Path, smollm2_hf: Path | None) -> dic
     return found
 
 
-def convert_pinned(cases: list[str], root: Path, smollm2_hf: Path | None = None) -> tuple[str, dict]:
-    """Convert `cases` under `root` in a child process with the CPU kernels pinned (PINS); returns the child's
+def convert_pinned(
+    cases: list[str], root: Path, smollm2_hf: Path | None = None, code: Path | None = None
+) -> tuple[str, dict]:
+    """Convert `cases` under `root` in a child process with the CPU kernels pinned (PINS), with the package in
+    `code` (a folder holding an `mla_convert/`) instead of this checkout's when given; returns the child's
     `environment()` and {case: {file: sha256}}."""
+    root.mkdir(parents=True, exist_ok=True)
     answer = root / "same_outputs.json"
     command = [sys.executable, "-m", "tests.same_outputs", "--child", str(answer), "--work", str(root)]
     command += ["--cases", ",".join(cases)]
     if smollm2_hf is not None:
         command.append(str(smollm2_hf))
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, **PINS}, capture_output=True, text=True)
+    package = {CODE: str(code)} if code is not None else {}
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, **PINS, **package}, capture_output=True, text=True)
     if done.returncode != 0:
         raise AssertionError(f"the pinned conversions failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     found = json.loads(answer.read_text())
     return found["environment"], found["cases"]
+
+
+def reference_commit() -> str | None:
+    """The last commit that recorded bytes: its package wrote them (a change meant to alter outputs records
+    them in the same commit). None without git or its history."""
+    try:
+        done = subprocess.run(
+            ["git", "log", "-1", "--format=%H", "--", str(GOLDEN.relative_to(REPO))],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def package_at(commit: str, into: Path) -> Path:
+    """The package as it was at `commit`, extracted under `into` (which then holds `mla_convert/`)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", commit, "mla_convert"], cwd=REPO, capture_output=True, timeout=120)
+    if archive.returncode != 0:
+        raise AssertionError(f"cannot read the package at {commit}: {archive.stderr.decode()[-500:]}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=120)
+    return into
 
 
 def recorded() -> dict[str, dict[str, dict[str, str]]]:
@@ -194,8 +242,9 @@ def unrecorded(environment: str) -> str:
     known = "\n".join(f"  {key}" for key in recorded()) or "  (none)"
     return (
         f"no output bytes are recorded for this environment:\n  {environment}\nrecorded:\n{known}\n"
-        "Install the versions .ci/run pins, or record this environment's bytes at a commit whose outputs are "
-        "right with `python -m tests.same_outputs SMOLLM2_SAFETENSORS_DIR` (tests/same_outputs.py)."
+        "and no git history to convert at the commit that recorded them. Install the versions .ci/run pins, "
+        "or record this environment's bytes at a commit whose outputs are right with "
+        "`python -m tests.same_outputs SMOLLM2_SAFETENSORS_DIR` (tests/same_outputs.py)."
     )
 
 
@@ -222,6 +271,8 @@ def _main() -> None:
     parser.add_argument("--cases", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
+        if os.environ.get(CODE):  # the reference package first, before anything imports this checkout's
+            sys.path.insert(0, os.environ[CODE])
         found = _convert_cases(args.cases.split(","), args.work, args.smollm2)
         args.child.write_text(json.dumps({"environment": environment(), "cases": found}))
         return
