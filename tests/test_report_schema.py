@@ -78,7 +78,8 @@ def test_every_key_of_a_healed_report_is_in_the_schema(healed_report: dict[str, 
 
 def test_every_key_of_a_moe_report_is_in_the_schema(tmp_path: Path) -> None:
     build_moe("mixtral").save_pretrained(tmp_path / "mixtral")
-    report = mla_convert.convert(tmp_path / "mixtral", tmp_path / "out", kv_budget=0.5, **QUICK_CALIB)
+    # validation's keys are the dense case's; here what only a MoE report holds (experts, routing, expert mix)
+    report = mla_convert.convert(tmp_path / "mixtral", tmp_path / "out", kv_budget=0.5, validate=False, **QUICK_CALIB)
     assert report["verification"]["routing_agreement_per_layer"] and report["source"]["experts"]
     assert undocumented(report) == []
 
