@@ -8,8 +8,8 @@ from dataclasses import replace
 import torch
 from transformers import LlamaConfig
 
+from mla_convert import Options, convert
 from mla_convert.conversion.budget import score_candidates
-from mla_convert.job import Options
 from mla_convert.mla.rotary import near_slots, source_inv_freq
 from mla_convert.plan.plan import make_plan, plan_for
 from mla_convert.plan.split import full_size_candidates
@@ -89,11 +89,9 @@ def test_the_vllm_layout_can_hold_a_dense_ladder() -> None:
 
 
 def test_the_report_and_card_say_how_much_rotary_energy_sits_on_near_slots(tmp_path) -> None:
-    from mla_convert.job import run
-
     build_tiny(WIDE).save_pretrained(tmp_path / "wide")
     options = Options(method="svd", rope_dim=64, finetune_steps=0, validate=False, verify=False)
-    report = run(str(tmp_path / "wide"), tmp_path / "out", options)
+    report = convert(tmp_path / "wide", tmp_path / "out", options)
     assert report["settings"]["rotary_density"] == 2
     for layer in report["layers"]:
         assert 0 < layer["rope_energy_near"] < layer["rope_energy_kept"] <= 1 + 1e-9

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from mla_convert import Options
 from mla_convert.conversion.driver import convert
-from mla_convert.job import Options
 from mla_convert.plan.plan import plan_for
 from mla_convert.source.checkpoint import Source, resolve
 from mla_convert.source.layers import SourceLayers

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from mla_convert.job import Options, run
+from mla_convert import Options, convert
 from mla_convert.report.card import TAGS, model_card
 from mla_convert.report.report import source_facts
 from mla_convert.source.checkpoint import resolve
@@ -67,7 +67,7 @@ def hub_copy(tiny_models, tmp_path_factory):
     write_source(src, "---\nlicense: apache-2.0\nlanguage:\n- en\n---\n\n# SmolLM2\n", _name_or_path=HUB_ID)
     (root / "out").mkdir()
     out = root / "out" / "SmolLM2-135M-mla"
-    report = run(str(src), out, Options(**CHEAP))
+    report = convert(src, out, Options(**CHEAP))
     return src, out, report
 
 

@@ -19,8 +19,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
+from mla_convert import Options, convert
 from mla_convert.errors import ConversionError
-from mla_convert.job import Options, run
 from mla_convert.source.checkpoint import resolve
 from mla_convert.source.text import read_texts, split_windows, spread, text_sets, tokenize_windows
 
@@ -143,15 +143,15 @@ def docs_with_tokens(tokenizer: object, low: int, high: int, seed: int = 5) -> l
     raise AssertionError("not enough words")
 
 
-def convert(model: Path, out: Path, **options: object) -> dict:
-    settings: dict = {
-        "calib_tokens": CALIB_TOKENS,
-        "calib_seq_len": SEQ,
-        "eval_tokens": EVAL_TOKENS,
-        "finetune_steps": 0,
-    }
-    settings.update(options)
-    run(str(model), out, Options(kv_rank=12, rope_dim=8, verify=False, **settings))
+QUICK_OPTIONS = Options(
+    kv_rank=12, rope_dim=8, verify=False, calib_tokens=CALIB_TOKENS, calib_seq_len=SEQ, eval_tokens=EVAL_TOKENS,
+    finetune_steps=0,
+)  # fmt: skip
+
+
+def converted(model: Path, out: Path, **flags: object) -> dict:
+    """Convert through the API with QUICK_OPTIONS, and `flags` (named as the command line's) on top."""
+    convert(model, out, QUICK_OPTIONS, **flags)
     return json.loads((out / "mla_report.json").read_text())
 
 
@@ -178,7 +178,7 @@ def test_calibration_format(text_model: Path, tokenizer: object, tmp_path: Path,
     assert token_count(tokenizer, docs) > 2 * WHOLE  # room for the calibration windows and a held-out tail
     data = write(tmp_path, docs, column)
     assert data.suffix == suffix
-    report = convert(text_model, tmp_path / "out", calib_data=str(data), text_column=column)
+    report = converted(text_model, tmp_path / "out", calib_data=str(data), text_column=column)
     assert_calibrated(report, data.name, WHOLE)
     evaluation = report["evaluation"]
     assert evaluation is not None
@@ -216,12 +216,12 @@ def test_eval_data_leaves_the_whole_calibration_file_for_calibration(
     data = write_txt(tmp_path / "calib.txt", docs_with_tokens(tokenizer, WHOLE, WHOLE + SEQ))
     held = write_txt(tmp_path / "eval.txt", documents(10, seed=2))
 
-    with_eval = convert(text_model, tmp_path / "with_eval", calib_data=str(data), eval_data=str(held))
+    with_eval = converted(text_model, tmp_path / "with_eval", calib_data=str(data), eval_data=str(held))
     assert_calibrated(with_eval, data.name, WHOLE)
     assert with_eval["evaluation"]["text"] == held.name
     assert [w[:12] for w in with_eval["warnings"]] == ["vLLM refuses"]  # the width, not the text
 
-    alone = convert(text_model, tmp_path / "alone", calib_data=str(data))
+    alone = converted(text_model, tmp_path / "alone", calib_data=str(data))
     windows = WHOLE // SEQ
     assert_calibrated(alone, data.name, (windows - windows // 5) * SEQ)
     assert alone["evaluation"]["text"] == f"{data.name} (held-out tail)"
@@ -255,7 +255,7 @@ def test_single_window_file_calibrates_and_samples_the_evaluation(
     text_model: Path, tokenizer: object, tmp_path: Path
 ) -> None:
     data = write_txt(tmp_path / "one_window.txt", docs_with_tokens(tokenizer, SEQ, 2 * SEQ))
-    report = convert(text_model, tmp_path / "out", calib_data=str(data))
+    report = converted(text_model, tmp_path / "out", calib_data=str(data))
     assert_calibrated(report, data.name, SEQ)
     assert any(f"fewer than the {WHOLE} asked for" in w for w in report["warnings"])
     assert report["evaluation"]["text"] == "sampled from the source (separate seed)"
@@ -270,7 +270,7 @@ SAMPLED = {"calib_tokens": 256, "calib_seq_len": SEQ, "eval_tokens": 64}
 def test_sampled_fallback_without_tokenizer(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     model = tiny_models["llama_gqa_tied"]
     assert not (model / "tokenizer.json").exists() and not (model / "tokenizer_config.json").exists()
-    report = convert(model, tmp_path / "out", **SAMPLED)
+    report = converted(model, tmp_path / "out", **SAMPLED)
     assert_calibrated(report, "sampled from the source", 256)
     assert any("no --calib-data" in w and "sampled from the source model" in w for w in report["warnings"])
     assert report["evaluation"]["text"] == "sampled from the source (separate seed)"
@@ -282,7 +282,7 @@ def test_sampled_fallback_is_deterministic(cli, tiny_models: dict[str, Path], tm
     first = cli(model, tmp_path / "a", flags)
     assert first.exit_code == 0, first.output
     assert any(line.startswith("warning: no --calib-data") for line in first.stderr.splitlines()), first.stderr
-    convert(model, tmp_path / "b", **SAMPLED)  # seed 0 too, through the job directly
+    converted(model, tmp_path / "b", **SAMPLED)  # seed 0 too, through the API
     other = cli(model, tmp_path / "c", flags, "--seed", 1)
     assert other.exit_code == 0, other.output
 
