@@ -16,6 +16,7 @@ from mla_convert.plan.split import full_size_candidates
 from mla_convert.source.checkpoint import resolve
 
 from .conftest import COMMON, build_tiny
+from .helpers import SMOLLM2
 
 # wide enough that the lossless latent is not capped by the hidden size, (2 * 4 - 1) * 32 = 224 <= 256, and
 # with 16 frequencies, so neighbouring ones are as close as in real models (ratio 10000 ** (1 / 8) = 3.2)
@@ -81,8 +82,6 @@ def test_dense_ladders_cut_the_full_size_attention_error(tmp_path) -> None:
 
 def test_the_vllm_layout_can_hold_a_dense_ladder() -> None:
     """--engine vllm fixes the rotary key at 64; a denser ladder there is one of the measured candidates."""
-    from .test_plan import SMOLLM2
-
     plan = make_plan(LlamaConfig(**SMOLLM2), engine="vllm", density=2)
     assert (plan.rope_dim, plan.latent_width, plan.density) == (64, 512, 2)
     assert plan.slots[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)] and plan.kv_rank == plan.full_kv_rank == 320

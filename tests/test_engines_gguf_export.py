@@ -19,9 +19,8 @@ from mla_convert.engines.gguf_writer import write_gguf
 from mla_convert.errors import ConversionError
 
 from .conftest import build_moe, build_tiny
-from .helpers import messages
+from .helpers import messages, save_bpe_tokenizer
 
-DATA = Path(__file__).parent / "data"
 FAST = {"method": "svd", "finetune_steps": 0, "validate": False}
 ARCH = "deepseek2"
 Q = gguf.GGMLQuantizationType
@@ -38,25 +37,6 @@ TINY = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-
-
-def save_bpe_tokenizer(folder: Path, vocab_size: int = 300) -> None:
-    """A small byte-level BPE (GPT-2's pre-tokenizer) trained on the test prose, saved as HF files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([(DATA / "prose.txt").read_text()], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    fast.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from mla_convert.engines.gguf_writer import write_gguf
 from mla_convert.options import GGUF_TYPES
 
 from .conftest import ENGINE_SIZED, build_moe, build_tiny
-from .test_engines_gguf_export import save_bpe_tokenizer
+from .helpers import save_bpe_tokenizer
 
 pytestmark = pytest.mark.engines
 

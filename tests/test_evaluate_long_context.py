@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from mla_convert import Options, convert, dry_run
 from mla_convert.conversion.budget import score_candidates
@@ -30,17 +29,7 @@ from mla_convert.plan.split import Scored, pick
 from mla_convert.source.checkpoint import resolve
 from mla_convert.source.text import text_sets
 
-from .test_source_text import build_text_model, documents, write_jsonl, write_txt
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_text_model(tmp_path_factory.mktemp("long_text_model"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(text_model: Path) -> object:
-    return AutoTokenizer.from_pretrained(str(text_model))
+from .helpers import documents, write_jsonl, write_txt
 
 
 def test_buckets_split_a_window_at_a_sixteenth_a_quarter_and_a_half() -> None:

@@ -13,7 +13,7 @@ import pytest
 from mla_convert import Hooks, Options, TrainSettings, convert
 from mla_convert.write.writer import TMP_PREFIX
 
-from .test_source_text import build_text_model, documents, write_txt
+from .helpers import build_text_model, documents, write_txt
 
 TRAINED = dict(
     kv_budget=0.5,

@@ -23,8 +23,7 @@ from mla_convert.train import checkpoints, distill
 from mla_convert.train.finetune import PENDING, STATE_DIR
 
 from .conftest import COMMON, build_tiny
-from .helpers import load, messages
-from .test_source_text import documents, text_model, write_txt  # noqa: F401  (text_model is a fixture)
+from .helpers import documents, load, messages, write_txt
 
 STEPS = 12
 TRAIN = TrainSettings(lr=3e-3, warmup_steps=2, batch_size=8, micro_batch_size=4, seq_len=32)
@@ -215,7 +214,7 @@ def test_bad_training_input_is_one_line_and_writes_nothing(cli, peaky, tmp_path,
         (lambda d: write_txt(d / "short.txt", ["a few words"]), ("--train-data", "holds fewer than 32 tokens")),
     ],
 )
-def test_bad_training_text_is_one_line_and_writes_nothing(cli, text_model, tmp_path, make, fragment) -> None:  # noqa: F811
+def test_bad_training_text_is_one_line_and_writes_nothing(cli, text_model, tmp_path, make, fragment) -> None:
     out = tmp_path / "out"
     result = cli(text_model, out, FLAGS, "--train-data", make(tmp_path))
     assert result.exit_code == 2, result.output
@@ -224,7 +223,7 @@ def test_bad_training_text_is_one_line_and_writes_nothing(cli, text_model, tmp_p
     assert not out.exists() and not list(tmp_path.glob(".mla-convert-tmp-*"))
 
 
-def test_training_text_never_includes_the_held_out_text(text_model, tmp_path) -> None:  # noqa: F811
+def test_training_text_never_includes_the_held_out_text(text_model, tmp_path) -> None:
     from mla_convert.source.checkpoint import resolve
     from mla_convert.source.text import read_texts, text_sets, tokenize_windows
 
