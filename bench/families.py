@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mla_convert.job import Options, run
+from mla_convert import Options, convert
 from tests.conftest import COMMON, DEPENDENT_CONFIGS, TINY_CONFIGS, build_qwen3, build_tiny
 
 CALIB = dict(calib_tokens=2048, calib_seq_len=64, eval_tokens=512, finetune_steps=0, verify=False, validate=False)
@@ -47,7 +47,7 @@ def main() -> None:
         results[name] = {}
         for target in ("transformers", "portable"):
             out = args.out / f"{name}-{target}"
-            run(str(source), out, Options(target=target, force=True, **CALIB))
+            convert(source, out, Options(target=target, force=True, **CALIB))
             results[name][target] = max_logit_diff(source, out)
         print(name, json.dumps(results[name]), flush=True)
     (args.out / "families.json").write_text(json.dumps(results, indent=1) + "\n")

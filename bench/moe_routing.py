@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mla_convert.job import Options, run
+from mla_convert import Options, convert
 from tests.conftest import MOE_CONFIGS, build_moe
 
 CALIB = dict(calib_tokens=2048, calib_seq_len=64, eval_tokens=512, finetune_steps=0, validate=False)
@@ -45,7 +45,7 @@ def main() -> None:
         build_moe(family).save_pretrained(source)
         for label, settings in SETTINGS.items():
             out = args.out / f"{family}-{len(rows)}"
-            report = run(str(source), out, Options(force=True, **CALIB, **settings))
+            report = convert(source, out, Options(force=True, **CALIB, **settings))
             v, layers = report["verification"], report["layers"]
             row = {
                 "family": family,

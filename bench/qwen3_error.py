@@ -18,7 +18,7 @@ from transformers import Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mla_convert.conversion.driver as driver
-from mla_convert.job import Options, run
+from mla_convert import Options, convert
 from tests.conftest import build_qwen3
 
 SHAPE = dict(
@@ -51,7 +51,7 @@ def source(root: Path) -> Path:
 
 
 def measure(model: Path, out: Path, settings: dict) -> dict:
-    report = run(str(model), out, Options(**CALIB, **settings, force=True))
+    report = convert(model, out, Options(**CALIB, **settings, force=True))
     errors = [layer["attn_output_error"] for layer in report["layers"]]
     v = report["verification"]
     return {

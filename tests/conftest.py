@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every supported family, the real SmolLM2 GGUF, a CLI runner."""
+"""Shared fixtures: tiny random models of every supported family, a tiny model with a tokenizer, the real SmolLM2
+GGUF, a CLI runner. Plain helpers (no fixtures) live in helpers.py."""
 
 from __future__ import annotations
 
@@ -222,6 +223,32 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def tiny_llama(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama_gqa_tied"]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and spinning threads crawl when other jobs share the CPU (a module
+    asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GQA Llama (4 heads, 2 KV heads, head_dim 16) with an offline byte-level BPE tokenizer: the tiny
+    models above ship none (helpers.build_text_model)."""
+    from .helpers import build_text_model  # helpers imports this module
+
+    return build_text_model(tmp_path_factory.mktemp("text_model"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text_model: Path) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(text_model))
 
 
 @pytest.fixture

@@ -156,7 +156,7 @@ def convert(model_in: Path, out: Path, text: Path, flags: list[str]) -> dict[str
 
 def tiny_case(root: Path) -> tuple[Path, Path]:
     """The tiny GQA Llama with its own BPE tokenizer, and generated prose to calibrate and train on."""
-    from .test_source_text import build_text_model, documents, write_txt
+    from .helpers import build_text_model, documents, write_txt
 
     return build_text_model(root), write_txt(root / "tiny.txt", documents(200, seed=5))
 

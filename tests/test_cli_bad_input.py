@@ -1,13 +1,12 @@
 """Bad input: every refusal is one clear line on stderr, a non-zero exit, no traceback and nothing written.
 
 Each case also checks that MODEL_IN is byte-for-byte unchanged, that MODEL_OUT was not created (or, when it
-already existed, was left exactly as it was) and that no temporary directory is left beside MODEL_OUT.
+already existed, was left exactly as it was) and that no temporary directory is left beside MODEL_OUT. A run that
+fails part way leaves nothing either: tests/test_job_failures_mid_run.py.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import shutil
 import struct
@@ -32,76 +31,10 @@ from transformers import (
     Phi3Config,
 )
 
-import mla_convert.conversion.driver as convert_module
-import mla_convert.write.writer as writer_module
-from mla_convert.write.writer import TMP_PREFIX
-
 from .conftest import COMMON, build_tiny
-from .helpers import messages
-
-FAST = ("--no-verify", "--method", "svd")
-SUBPROCESS_TIMEOUT = 180
-
+from .helpers import FAST, SUBPROCESS_TIMEOUT, Untouched, one_line, snapshot, temp_dirs
 
 # ---------------------------------------------------------------- helpers
-
-
-def snapshot(path: Path) -> dict[str, str] | None:
-    """A hash of every file (and the set of directories) under path; None when nothing is there."""
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
-    tree = {}
-    for item in sorted(path.rglob("*")):
-        rel = str(item.relative_to(path))
-        tree[rel] = hashlib.sha256(item.read_bytes()).hexdigest() if item.is_file() else "<dir>"
-    return tree
-
-
-def temp_dirs(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(TMP_PREFIX))
-
-
-class Untouched:
-    """Snapshot MODEL_IN and MODEL_OUT before a run; `check` asserts the run changed neither."""
-
-    def __init__(self, model_in: Path, model_out: Path):
-        self.model_in, self.model_out = model_in, model_out
-        self.in_before = snapshot(model_in)
-        self.out_before = snapshot(model_out)
-
-    def check(self) -> None:
-        assert snapshot(self.model_in) == self.in_before, "MODEL_IN was modified"
-        if self.out_before is None:
-            assert not os.path.lexists(self.model_out), "MODEL_OUT was created"
-        else:
-            assert snapshot(self.model_out) == self.out_before, "the existing MODEL_OUT was modified"
-        assert temp_dirs(self.model_out.parent) == [], "a temporary directory was left behind"
-
-
-def one_line(result: object, *fragments: str, code: int = 2, prefix: str = "error: ", after_plan: bool = False) -> str:
-    """Assert a clean refusal: exit code, nothing on stdout, exactly one stderr line holding every fragment.
-
-    after_plan: the run got as far as printing its plan (the engine lines, then the plan line) before failing.
-    """
-    output = result.output  # type: ignore[attr-defined]
-    assert result.exit_code == code, output  # type: ignore[attr-defined]
-    exc = result.exception  # type: ignore[attr-defined]
-    assert exc is None or isinstance(exc, SystemExit), f"uncaught {exc!r}"
-    assert "Traceback" not in output
-    assert result.stdout == ""  # type: ignore[attr-defined]
-    # the per-engine lines come once the flags have passed the plan's checks: information, not errors
-    lines = [line for line in messages(result.stderr) if not line.startswith("engine ")]  # type: ignore[attr-defined]
-    if after_plan:
-        assert any(line.startswith("plan: ") for line in lines), lines
-        lines = [line for line in lines if not line.startswith("plan: ")]
-    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
-    line = lines[0]
-    assert line.startswith(prefix), line
-    for fragment in fragments:
-        assert fragment in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 def copy_model(src: Path, tmp_path: Path, name: str = "model_in") -> Path:
@@ -409,126 +342,6 @@ def test_existing_model_out_with_force_is_replaced(cli, tiny_llama: Path, tmp_pa
     assert not (model_out / "sub").exists()
     assert snapshot(tiny_llama) == before_in
     assert temp_dirs(tmp_path) == []
-
-
-# ---------------------------------------------------------------- failures in the middle of a run
-
-
-def _fail_on_second_layer(monkeypatch: pytest.MonkeyPatch, exc: BaseException, parent: Path) -> list[list[str]]:
-    """Make layer_tensors raise exc on layer 1; returns the temp dirs seen at that moment (for a sanity check)."""
-    real = convert_module.layer_tensors
-    seen: list[list[str]] = []
-
-    def flaky(source, plan, i, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if i == 1:
-            seen.append(temp_dirs(parent))
-            raise exc
-        return real(source, plan, i, *args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "layer_tensors", flaky)
-    return seen
-
-
-def test_keyboard_interrupt_mid_conversion(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    model_out = tmp_path / "model_out"
-    seen = _fail_on_second_layer(monkeypatch, KeyboardInterrupt(), tmp_path)
-    guard = Untouched(tiny_llama, model_out)
-    one_line(
-        cli(tiny_llama, model_out, FAST),
-        "interrupted",
-        "nothing was written",
-        code=130,
-        prefix="interrupted",
-        after_plan=True,
-    )
-    assert len(seen) == 1 and len(seen[0]) == 1, "the interruption should have happened while writing"
-    guard.check()
-
-
-def test_unexpected_error_mid_conversion(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    model_out = tmp_path / "model_out"
-    seen = _fail_on_second_layer(monkeypatch, RuntimeError("boom in layer 1\nsecond line"), tmp_path)
-    guard = Untouched(tiny_llama, model_out)
-    line = one_line(cli(tiny_llama, model_out, FAST), "RuntimeError", "boom in layer 1", "-v", after_plan=True)
-    assert "second line" not in line
-    assert len(seen) == 1 and len(seen[0]) == 1
-    guard.check()
-
-
-VERBOSE_CRASH = """
-import sys
-import mla_convert.conversion.driver as convert_module
-
-def boom(*args, **kwargs):
-    raise RuntimeError("boom in layer")
-
-convert_module.layer_tensors = boom
-from mla_convert.cli import main
-
-sys.argv = ["mla-convert", *sys.argv[1:]]
-main()
-"""
-
-
-@pytest.mark.slow  # the tool in a process of its own
-def test_unexpected_error_with_verbose_shows_traceback(tiny_llama: Path, tmp_path: Path) -> None:
-    model_out = tmp_path / "model_out"
-    guard = Untouched(tiny_llama, model_out)
-    proc = subprocess.run(
-        [sys.executable, "-c", VERBOSE_CRASH, str(tiny_llama), str(model_out), *FAST, "-v"],
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
-    assert proc.returncode != 0
-    assert "Traceback" in proc.stderr
-    assert "RuntimeError: boom in layer" in proc.stderr
-    guard.check()
-
-
-def test_disk_full_while_writing(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    """The device fills up part way through a shard (in the writer thread): one line, nothing left behind."""
-    model_out = tmp_path / "model_out"
-    seen: list[list[str]] = []
-    real_write = writer_module.ShardFile.write
-
-    def fills_up(self, tensor):  # type: ignore[no-untyped-def]
-        if len(self.header) > 3:
-            seen.append(temp_dirs(tmp_path))
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(self, tensor)
-
-    monkeypatch.setattr(writer_module.ShardFile, "write", fills_up)
-    guard = Untouched(tiny_llama, model_out)
-    one_line(cli(tiny_llama, model_out, FAST), "no space left", after_plan=True)
-    assert seen and len(seen[0]) == 1
-    guard.check()
-
-
-def _dead_pid() -> int:
-    pid = 999999
-    while writer_module._alive(pid):
-        pid += 1
-    return pid
-
-
-def test_stale_temp_dir_is_cleaned_by_next_run(cli, tiny_llama: Path, tmp_path: Path) -> None:
-    model_out = tmp_path / "model_out"
-    stale = tmp_path / f"{TMP_PREFIX}{model_out.name}-{_dead_pid()}"
-    stale.mkdir()
-    (stale / "shard-0.tmp").write_bytes(b"half-written")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        live = tmp_path / f"{TMP_PREFIX}{model_out.name}-{sleeper.pid}"  # a run still in progress: kept
-        live.mkdir()
-        result = cli(tiny_llama, model_out, FAST, "--no-validate", "-q")  # the temp folders are what matter
-        assert result.exit_code == 0, result.output
-        assert (model_out / "config.json").is_file()
-        assert not stale.exists()
-        assert temp_dirs(tmp_path) == [live.name]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
 
 
 # ---------------------------------------------------------------- the installed command

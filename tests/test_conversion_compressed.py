@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from mla_convert import Options, convert
 from mla_convert.evaluate.metrics import compare
-from mla_convert.job import Options, run
 from mla_convert.source.text import sample_windows
 
 from .conftest import QUICK_CALIB
@@ -25,7 +25,7 @@ from .helpers import load, random_ids
 )
 def test_compressed_widths_cache_and_report(tiny_models, tmp_path, flags, kv_rank, rope_dim):
     out = tmp_path / "out"
-    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**flags, **QUICK_CALIB))
+    report = convert(tiny_models["llama_gqa_tied"], out, Options(**flags, **QUICK_CALIB))
     config = json.loads((out / "config.json").read_text())
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (kv_rank, rope_dim)
     data = json.loads((out / "mla_report.json").read_text())
@@ -44,14 +44,14 @@ def test_more_latent_rank_means_less_error(tiny_models, tmp_path):
     errors = []
     for rank in (8, 24, 40):
         options = Options(kv_rank=rank, verify=False, **QUICK_CALIB)
-        report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / str(rank), options)
+        report = convert(tiny_models["llama_gqa_tied"], tmp_path / str(rank), options)
         errors.append(report["summary"]["v_rel_error_mean"] + report["summary"]["k_rel_error_mean"])
     assert errors[0] > errors[1] > errors[2]
 
 
 def test_budget_split_is_measured_and_explained(tiny_models, tmp_path):
     out = tmp_path / "out"
-    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(kv_budget=0.5, **QUICK_CALIB))
+    report = convert(tiny_models["llama_gqa_tied"], out, Options(kv_budget=0.5, **QUICK_CALIB))
     plan = report["settings"]
     rope_dim, stride, density = plan["qk_rope_head_dim"], plan["rotary_stride"], plan["rotary_density"]
     assert plan["kv_lora_rank"] + rope_dim == 32
@@ -74,7 +74,7 @@ def test_activation_method_beats_weight_svd_on_held_out_text(tiny_models, tmp_pa
     kl = {}
     for method in ("svd", "activation"):
         options = Options(kv_rank=12, rope_dim=8, method=method, verify=False, **QUICK_CALIB)
-        run(str(tiny_models["llama_gqa_tied"]), tmp_path / method, options)
+        convert(tiny_models["llama_gqa_tied"], tmp_path / method, options)
         kl[method] = compare(source, load(tmp_path / method), held_out).kl
     assert kl["activation"] < kl["svd"]
 
@@ -82,7 +82,7 @@ def test_activation_method_beats_weight_svd_on_held_out_text(tiny_models, tmp_pa
 def test_compressed_transformers_profile_picks_components_and_stays_loadable(tiny_models, tmp_path):
     out = tmp_path / "out"
     options = Options(target="transformers", kv_budget=0.5, **QUICK_CALIB)
-    report = run(str(tiny_models["llama_gqa_tied"]), out, options)
+    report = convert(tiny_models["llama_gqa_tied"], out, options)
     assert report["settings"]["qk_rope_head_dim"] + report["settings"]["kv_lora_rank"] == 32
     assert len(report["settings"]["rotary_slots"]) == report["settings"]["qk_rope_head_dim"] // 2
     assert 0 < report["summary"]["rope_energy_kept_mean"] < 1

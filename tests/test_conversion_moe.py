@@ -12,8 +12,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, DeepseekV2Config, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
+from mla_convert import Options, convert, dry_run
 from mla_convert.errors import ConversionError
-from mla_convert.job import Options, preview, run
 from mla_convert.mla.routing import renormalization_scale
 from mla_convert.source.families import family_for
 
@@ -44,7 +44,7 @@ def test_moe_source_converts_to_the_stock_class_that_routes_like_it(
     moe_models: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
     out = tmp_path / name
-    report = run(str(moe_models[name]), out, Options(target="transformers", **QUICK_CALIB))
+    report = convert(moe_models[name], out, Options(target="transformers", **QUICK_CALIB))
     model = load(out)  # stock class, no trust_remote_code
     assert type(model).__name__ == "DeepseekV2ForCausalLM" == report["settings"]["target_class"]
     config = json.loads((out / "config.json").read_text())
@@ -95,7 +95,7 @@ def test_mixtral_full_size_picks_the_same_experts_and_computes_close(
     """Mixtral's attention is exact at full size, so the first layer chooses the same experts on every token;
     only the expert weights (the softmax's own for its renormalized top-2, times a factor) differ, which later
     layers see in their inputs, and the report says so."""
-    report = run(str(moe_models["mixtral"]), tmp_path / "m", Options(target="transformers", **QUICK_CALIB))
+    report = convert(moe_models["mixtral"], tmp_path / "m", Options(target="transformers", **QUICK_CALIB))
     routing = report["verification"]["routing_agreement_per_layer"]
     assert routing[0] == 1.0 and min(routing) >= 0.95
     assert report["verification"]["max_abs_logit_diff"] < 0.2
@@ -109,7 +109,7 @@ def test_expert_scale_brings_the_unrenormalized_weights_closer(
     """Mixtral renormalizes its top-2 softmax, DeepSeek-V2 does not: one factor per layer on the experts, fitted on
     calibration text (or data-free on the norm's gains), brings the weights closer than none."""
     options = Options(kv_budget=0.5, **QUICK_CALIB) if calibrated else Options(method="svd", **QUICK_CALIB)
-    report = run(str(moe_models["mixtral"]), tmp_path / "m", options)
+    report = convert(moe_models["mixtral"], tmp_path / "m", options)
     for layer in report["layers"]:
         assert layer["routing_weight_error_after"] < layer["routing_weight_error_before"]
         assert layer["expert_scale"] > 1.0  # the top-2 softmax mass is below one
@@ -120,7 +120,7 @@ def test_expert_scale_brings_the_unrenormalized_weights_closer(
 def test_olmoe_routing_is_exact_in_deepseek_v2(moe_models: dict[str, Path], tmp_path: Path) -> None:
     """OLMoE (softmax top-k, not renormalized) routes exactly as DeepSeek-V2: on the same inputs the converted
     expert mix equals the source's, layer by layer (its q/k norms keep the whole model approximate)."""
-    report = run(str(moe_models["olmoe"]), tmp_path / "o", Options(target="transformers", **QUICK_CALIB))
+    report = convert(moe_models["olmoe"], tmp_path / "o", Options(target="transformers", **QUICK_CALIB))
     errors = [layer["moe_output_error"] for layer in report["layers"]]
     assert errors and max(errors) < 1e-5
     assert "expert_scale" not in report["layers"][0]
@@ -160,7 +160,7 @@ def test_renormalization_scale_follows_the_softmax_mass() -> None:
 
 
 def test_moe_dry_run_names_the_target_class_and_the_approximation(moe_models: dict[str, Path]) -> None:
-    plan = preview(str(moe_models["mixtral"]), Options(kv_budget=0.5))
+    plan = dry_run(moe_models["mixtral"], Options(kv_budget=0.5))
     assert plan["target_class"] == "DeepseekV2ForCausalLM"
     assert any("renormalized softmax" in w for w in plan["warnings"])
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
+from mla_convert import Options, convert
 from mla_convert.conversion.calibrator import SequentialCalibrator
 from mla_convert.conversion.driver import layer_tensors
 from mla_convert.conversion.layer_fit import batched, build_layer, relative
 from mla_convert.conversion.query_refit import logits, queries_and_keys, refit_queries
-from mla_convert.job import Options, run
 from mla_convert.plan.plan import plan_for
 from mla_convert.source.checkpoint import resolve
 
@@ -71,8 +71,8 @@ def test_query_refit_keeps_an_exact_map_exact(tiny_models, tmp_path) -> None:
     refit = refit_queries(attn, src_attn, x, pos, src_pos, target)
     assert refit.before < 1e-5 and refit.after <= refit.before
     plain, default = tmp_path / "plain", tmp_path / "default"
-    run(str(source), plain, Options(verify=False, query_refit=False, **QUICK_CALIB))
-    report = run(str(source), default, Options(verify=False, **QUICK_CALIB))
+    convert(source, plain, Options(verify=False, query_refit=False, **QUICK_CALIB))
+    report = convert(source, default, Options(verify=False, **QUICK_CALIB))
     assert max_logit_diff(source, default, random_ids(256, 96)) <= 1e-3
     assert all("query_refit_error_before" not in layer for layer in report["layers"])
     a, b = load_file(plain / "model.safetensors"), load_file(default / "model.safetensors")
@@ -80,7 +80,7 @@ def test_query_refit_keeps_an_exact_map_exact(tiny_models, tmp_path) -> None:
 
 
 def test_a_compressed_conversion_refits_the_queries_and_reports_each_layer(tiny_models, tmp_path) -> None:
-    report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / "out", Options(kv_rank=8, verify=False, **QUICK_CALIB))
+    report = convert(tiny_models["llama_gqa_tied"], tmp_path / "out", Options(kv_rank=8, verify=False, **QUICK_CALIB))
     for layer in report["layers"]:
         assert layer["query_refit_error_after"] <= layer["query_refit_error_before"]
 

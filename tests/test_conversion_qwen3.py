@@ -11,7 +11,7 @@ import torch
 from transformers import Qwen3Config
 
 import mla_convert.conversion.driver as driver
-from mla_convert.job import Options, run
+from mla_convert import Options, convert
 
 from .conftest import COMMON, QUICK_CALIB, build_qwen3
 from .helpers import load, random_ids
@@ -35,7 +35,7 @@ def mean_attention_error(report: dict) -> float:
 @pytest.mark.parametrize("target", ["transformers", "portable"])
 def test_qwen3_converts_to_a_stock_model_and_says_it_is_approximate(qwen3: Path, tmp_path: Path, target: str) -> None:
     out = tmp_path / target
-    report = run(str(qwen3), out, Options(target=target, **CALIB))
+    report = convert(qwen3, out, Options(target=target, **CALIB))
     model = load(out)  # stock class, no trust_remote_code
     assert type(model).__name__ == "DeepseekV3ForCausalLM"
     notes = [w for w in report["warnings"] if "q_norm, k_norm" in w]
@@ -59,10 +59,10 @@ def test_the_dry_run_says_qwen3_is_approximate(cli, qwen3: Path) -> None:
 @pytest.mark.slow  # two whole calibrated runs, compared
 def test_measured_head_scales_beat_dropping_the_norm(qwen3: Path, tmp_path: Path, monkeypatch) -> None:
     options = Options(target="transformers", query_refit=False, verify=False, **CALIB)
-    fitted = mean_attention_error(run(str(qwen3), tmp_path / "fitted", options))
+    fitted = mean_attention_error(convert(qwen3, tmp_path / "fitted", options))
     unit = lambda weight, norm_weight, heads, eps, moment: weight  # noqa: E731  (as if the norm were not there)
     monkeypatch.setattr(driver, "linearized", unit)
-    dropped = mean_attention_error(run(str(qwen3), tmp_path / "dropped", options))
+    dropped = mean_attention_error(convert(qwen3, tmp_path / "dropped", options))
     assert fitted < 0.6 * dropped  # measured 0.27 against 0.52
 
 
@@ -70,8 +70,8 @@ def test_measured_head_scales_beat_dropping_the_norm(qwen3: Path, tmp_path: Path
 def test_query_refit_and_layer_steps_fit_the_normalized_source(qwen3: Path, tmp_path: Path) -> None:
     # more windows than the other tests: the held-out check keeps a fit only where held-out windows improve
     calib = {**CALIB, "calib_tokens": 4096}
-    base = run(str(qwen3), tmp_path / "base", Options(target="transformers", query_refit=False, verify=False, **calib))
-    fitted = run(str(qwen3), tmp_path / "fit", Options(target="transformers", layer_steps=200, verify=False, **calib))
+    base = convert(qwen3, tmp_path / "base", Options(target="transformers", query_refit=False, verify=False, **calib))
+    fitted = convert(qwen3, tmp_path / "fit", Options(target="transformers", layer_steps=200, verify=False, **calib))
     assert all(layer.get("query_refit_error_after") is not None for layer in fitted["layers"])
     assert mean_attention_error(fitted) < mean_attention_error(base)
     with torch.no_grad():  # and the logits come closer to the source's

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mla_convert import Hooks, Options, convert
 from mla_convert.conversion.calibrator import SequentialCalibrator
 from mla_convert.conversion.driver import layer_tensors
 from mla_convert.conversion.layer_fit import batched, build_layer, relative
 from mla_convert.conversion.reconstruct import reconstruct
-from mla_convert.job import Options, run
 from mla_convert.plan.plan import plan_for
 from mla_convert.source.checkpoint import resolve
 
@@ -65,8 +65,8 @@ def test_a_layer_that_cannot_improve_is_left_bit_for_bit(tiny_models) -> None:
 def test_layer_steps_keep_an_exact_map_exact_and_report_each_layer(tiny_models, tmp_path) -> None:
     source = tiny_models["llama_dependent_heads"]  # portable and calibrated, yet exact: nothing to gain
     plain, steps = tmp_path / "plain", tmp_path / "steps"
-    run(str(source), plain, Options(verify=False, **QUICK_CALIB))
-    report = run(str(source), steps, Options(verify=False, layer_steps=60, **QUICK_CALIB))
+    convert(source, plain, Options(verify=False, **QUICK_CALIB))
+    report = convert(source, steps, Options(verify=False, layer_steps=60, **QUICK_CALIB))
     assert max_logit_diff(source, steps, random_ids(256, 96)) <= 1e-3
     for layer in report["layers"]:
         assert layer["reconstruction_steps"] > 0
@@ -83,12 +83,10 @@ def test_layer_steps_need_calibration_text(cli, tiny_llama, tmp_path) -> None:
 def test_an_explicit_rope_dim_has_its_ladder_measured(tiny_models, tmp_path) -> None:
     """A width the user fixes is still placed on the source frequencies that measure best (stride 1 or 2,
     or two slots per source frequency)."""
-    from mla_convert.hooks import Hooks
-
     stages: list[str] = []
     hooks = Hooks(on_stage=lambda text, total=None: stages.append(text))
     options = Options(kv_rank=12, rope_dim=4, verify=False, **QUICK_CALIB)
-    report = run(str(tiny_models["llama_gqa_tied"]), tmp_path / "out", options, hooks)
+    report = convert(tiny_models["llama_gqa_tied"], tmp_path / "out", options, hooks=hooks)
     assert any(text.startswith("measuring 3 rotary ladders for --rope-dim 4") for text in stages), stages
     reason = report["settings"]["split_reason"]
     assert reason.startswith("ranks given on the command line; measured on calibration windows")

@@ -8,14 +8,15 @@ from dataclasses import replace
 import torch
 from transformers import LlamaConfig
 
+from mla_convert import Options, convert
 from mla_convert.conversion.budget import score_candidates
-from mla_convert.job import Options
 from mla_convert.mla.rotary import near_slots, source_inv_freq
 from mla_convert.plan.plan import make_plan, plan_for
 from mla_convert.plan.split import full_size_candidates
 from mla_convert.source.checkpoint import resolve
 
 from .conftest import COMMON, build_tiny
+from .helpers import SMOLLM2
 
 # wide enough that the lossless latent is not capped by the hidden size, (2 * 4 - 1) * 32 = 224 <= 256, and
 # with 16 frequencies, so neighbouring ones are as close as in real models (ratio 10000 ** (1 / 8) = 3.2)
@@ -81,19 +82,15 @@ def test_dense_ladders_cut_the_full_size_attention_error(tmp_path) -> None:
 
 def test_the_vllm_layout_can_hold_a_dense_ladder() -> None:
     """--engine vllm fixes the rotary key at 64; a denser ladder there is one of the measured candidates."""
-    from .test_plan import SMOLLM2
-
     plan = make_plan(LlamaConfig(**SMOLLM2), engine="vllm", density=2)
     assert (plan.rope_dim, plan.latent_width, plan.density) == (64, 512, 2)
     assert plan.slots[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)] and plan.kv_rank == plan.full_kv_rank == 320
 
 
 def test_the_report_and_card_say_how_much_rotary_energy_sits_on_near_slots(tmp_path) -> None:
-    from mla_convert.job import run
-
     build_tiny(WIDE).save_pretrained(tmp_path / "wide")
     options = Options(method="svd", rope_dim=64, finetune_steps=0, validate=False, verify=False)
-    report = run(str(tmp_path / "wide"), tmp_path / "out", options)
+    report = convert(tmp_path / "wide", tmp_path / "out", options)
     assert report["settings"]["rotary_density"] == 2
     for layer in report["layers"]:
         assert 0 < layer["rope_energy_near"] < layer["rope_energy_kept"] <= 1 + 1e-9

@@ -13,15 +13,14 @@ import pytest
 from safetensors import safe_open
 from transformers import LlamaConfig
 
+from mla_convert import Options, convert
 from mla_convert.engines import gguf_layout, gguf_vocab
 from mla_convert.engines.gguf_writer import write_gguf
 from mla_convert.errors import ConversionError
-from mla_convert.job import Options, run
 
 from .conftest import build_moe, build_tiny
-from .helpers import messages
+from .helpers import messages, save_bpe_tokenizer
 
-DATA = Path(__file__).parent / "data"
 FAST = {"method": "svd", "finetune_steps": 0, "validate": False}
 ARCH = "deepseek2"
 Q = gguf.GGMLQuantizationType
@@ -40,32 +39,13 @@ TINY = dict(
 )
 
 
-def save_bpe_tokenizer(folder: Path, vocab_size: int = 300) -> None:
-    """A small byte-level BPE (GPT-2's pre-tokenizer) trained on the test prose, saved as HF files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([(DATA / "prose.txt").read_text()], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A converted tiny model (portable profile) with a byte-level BPE tokenizer smaller than its vocabulary."""
     root = tmp_path_factory.mktemp("gguf")
     build_tiny(LlamaConfig(**TINY)).save_pretrained(root / "source")
     out = root / "mla"
-    run(str(root / "source"), out, Options(**FAST))
+    convert(root / "source", out, Options(**FAST))
     save_bpe_tokenizer(out)
     return out
 
@@ -224,7 +204,7 @@ def test_unsupported_types_are_refused(checkpoint: Path, tmp_path: Path, quant: 
 
 def test_transformers_profile_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "mla"
-    run(str(tiny_models["llama_mha_untied"]), out, Options(target="transformers", **FAST))
+    convert(tiny_models["llama_mha_untied"], out, Options(target="transformers", **FAST))
     with pytest.raises(ConversionError, match=r"longrope.*--target portable"):
         write_gguf(out, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
@@ -232,7 +212,7 @@ def test_transformers_profile_is_refused(tiny_models: dict[str, Path], tmp_path:
 
 def test_no_tokenizer_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "mla"
-    run(str(tiny_models["llama_mha_untied"]), out, Options(**FAST))
+    convert(tiny_models["llama_mha_untied"], out, Options(**FAST))
     with pytest.raises(ConversionError, match="needs a tokenizer"):
         write_gguf(out, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
@@ -365,7 +345,7 @@ def test_sentencepiece_style_tokenizer_becomes_llama_with_merge_scores(checkpoin
 
 def test_sharded_checkpoints_give_the_same_file(checkpoint: Path, f32_file: tuple[Path, dict], tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
-    run(str(checkpoint.parent / "source"), sharded, Options(max_shard_size=300_000, **FAST))
+    convert(checkpoint.parent / "source", sharded, Options(max_shard_size=300_000, **FAST))
     save_bpe_tokenizer(sharded)
     assert (sharded / "model.safetensors.index.json").is_file()
     out = tmp_path / "model.gguf"
@@ -426,12 +406,9 @@ def test_cli_refuses_a_gguf_it_cannot_write_before_any_work(cli, tiny_models, tm
 
 def test_a_fine_tuned_run_writes_the_trained_weights_to_the_gguf(source_with_tokenizer: Path, tmp_path: Path) -> None:
     """The GGUF is written after the fine-tune, from the weights that replaced the converted ones."""
-    from mla_convert.options import TrainSettings
-
     out = tmp_path / "healed"
-    train = TrainSettings(batch_size=2, micro_batch_size=2, seq_len=32)
-    options = Options(method="svd", kv_rank=24, finetune_steps=2, train=train, train_tokens=512, gguf="f32")
-    report = run(str(source_with_tokenizer), out, Options(**{**options.__dict__, "validate": False}))
+    steps = dict(finetune_steps=2, batch_size=2, micro_batch_size=2, train_seq_len=32, train_tokens=512)
+    report = convert(source_with_tokenizer, out, method="svd", kv_rank=24, gguf="f32", validate=False, **steps)
     assert report["finetune"]["steps"] == 2 and report["gguf"]["file"] == "healed-f32.gguf"
     assert sorted(p.name for p in out.glob("*.gguf")) == ["healed-f32.gguf"]
     _, tensors = read(out / "healed-f32.gguf")
@@ -446,7 +423,7 @@ def test_moe_gguf_stacks_the_experts_and_writes_the_routing(family: str, tmp_pat
     expert llama.cpp's loader requires written as zeros, dense leading layers as dense."""
     build_moe(family, {**TINY, "intermediate_size": 64}).save_pretrained(tmp_path / "source")
     out = tmp_path / "mla"
-    run(str(tmp_path / "source"), out, Options(**FAST))
+    convert(tmp_path / "source", out, Options(**FAST))
     save_bpe_tokenizer(out)
     config = json.loads((out / "config.json").read_text())
     write_gguf(out, tmp_path / "moe.gguf", quant="f32")

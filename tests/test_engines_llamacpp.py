@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, Qwen3Config
 
+from mla_convert import Options, convert
 from mla_convert.engines import gguf_layout, runtime
 from mla_convert.engines.gguf_writer import write_gguf
-from mla_convert.job import Options, run
 from mla_convert.options import GGUF_TYPES
 
 from .conftest import ENGINE_SIZED, build_moe, build_tiny
-from .test_engines_gguf_export import save_bpe_tokenizer
+from .helpers import save_bpe_tokenizer
 
 pytestmark = pytest.mark.engines
 
@@ -85,7 +85,7 @@ def checkpoints(tmp_path_factory, smollm2_hf) -> dict[str, tuple[Path, list[list
     out = {}
     for name, (model_in, options) in cases.items():
         path = root / name.replace(" ", "_").replace("/", "-")
-        run(model_in, path, options)
+        convert(model_in, path, options)
         if name.startswith("tiny"):
             save_bpe_tokenizer(path, vocab_size=600)
         out[name] = (path, _prompts(path))

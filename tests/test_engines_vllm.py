@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, Qwen3Config
 
+from mla_convert import Options, convert
 from mla_convert.engines import runtime
-from mla_convert.job import Options, run
 from mla_convert.plan.serving import REFUSES, SERVES, verdicts
 
 from .conftest import ENGINE_SIZED, QUICK_CALIB, build_moe, build_tiny
@@ -80,7 +80,7 @@ def checkpoints(tmp_path_factory, tiny_models, smollm2_hf) -> dict[str, tuple[Pa
     out = {}
     for name, (model_in, options) in cases.items():
         path = root / name.replace(" ", "_").replace("/", "-")
-        run(model_in, path, options)
+        convert(model_in, path, options)
         prompts = _text_prompts(smollm2_hf) if "SmolLM2" in name else _random_prompts(1024 if "16/8" in name else 256)
         out[name] = (path, prompts)
     return out

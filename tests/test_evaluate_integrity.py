@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mla_convert.cli import app
 
-from .test_cli_bad_input import FAST, one_line
+from .helpers import FAST, one_line
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from mla_convert import Options, convert
+from mla_convert import Options, convert, dry_run
 from mla_convert.conversion.budget import score_candidates
 from mla_convert.evaluate.long_context import (
     ANSWER_TOKENS,
@@ -24,24 +23,13 @@ from mla_convert.evaluate.long_context import (
     passkey_keys,
     passkey_prompt,
 )
-from mla_convert.job import preview
 from mla_convert.plan.long_eval import bucket_edges, long_eval_plan, near_far, passkey_lengths
 from mla_convert.plan.plan import plan_for
 from mla_convert.plan.split import Scored, pick
 from mla_convert.source.checkpoint import resolve
 from mla_convert.source.text import text_sets
 
-from .test_source_text import build_text_model, documents, write_jsonl, write_txt
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_text_model(tmp_path_factory.mktemp("long_text_model"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(text_model: Path) -> object:
-    return AutoTokenizer.from_pretrained(str(text_model))
+from .helpers import documents, write_jsonl, write_txt
 
 
 def test_buckets_split_a_window_at_a_sixteenth_a_quarter_and_a_half() -> None:
@@ -126,7 +114,7 @@ def test_a_passkey_counts_only_when_the_first_number_is_the_key(tokenizer: objec
 def _long_run(text_model: Path, out: Path, **flags: object) -> dict:
     settings = {"kv_budget": 0.5, "calib_tokens": 1024, "calib_seq_len": 32, "eval_tokens": 256, "finetune_steps": 0}
     options = Options(**{**settings, **flags})  # type: ignore[arg-type]
-    return convert(str(text_model), out, options)
+    return convert(text_model, out, options)
 
 
 def test_every_validation_reports_long_context_in_the_report_card_and_plot(text_model: Path, tmp_path: Path) -> None:
@@ -159,11 +147,11 @@ def test_documents_shorter_than_the_window_are_joined_and_the_report_says_so(tex
 def test_long_eval_off_writes_no_section_and_the_dry_run_gives_the_cost(text_model: Path, tmp_path: Path) -> None:
     report = _long_run(text_model, tmp_path / "out", long_eval="off", calib_tokens=512, eval_tokens=128)
     assert report["long_eval"] is None and "long_context.png" not in report["plots"]
-    seen = preview(str(text_model), Options(kv_budget=0.5, long_eval="full", finetune_steps=0))
+    seen = dry_run(text_model, Options(kv_budget=0.5, long_eval="full", finetune_steps=0))
     cost = seen["long_eval"]
     assert (cost["mode"], cost["length"], cost["passkey_lengths"]) == ("full", 512, [512])
     assert cost["tokens_per_model"] == 4 * 512 + 4 * 512 and cost["estimated_cpu_seconds"] > 0
-    assert preview(str(text_model), Options(kv_budget=0.5, long_eval="off"))["long_eval"] is None
+    assert dry_run(text_model, Options(kv_budget=0.5, long_eval="off"))["long_eval"] is None
 
 
 def test_calibration_takes_long_windows_outside_the_held_out_tail(text_model: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli_bad_input import FAST, SUBPROCESS_TIMEOUT, temp_dirs
+from .helpers import FAST, SUBPROCESS_TIMEOUT, as_from_a_terminal, temp_dirs
 
 pytestmark = pytest.mark.slow  # each test runs the tool in a process of its own (about 6 s each)
 
@@ -49,12 +49,6 @@ POINTS = {
     "writing shards": ("mla_convert.conversion.driver", "layer_tensors", 2),
     "checking": ("mla_convert.job", "verify", 1),
 }
-
-
-def as_from_a_terminal() -> None:
-    """Give the child SIGINT's default action, as a terminal does: a test runner started in the background
-    (`cmd &` in a script) ignores SIGINT, its children inherit that, and Python then leaves it ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_paused(point: str, model_in: Path, model_out: Path) -> subprocess.Popen:

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mla_convert.hooks import Hooks
-from mla_convert.job import Options, run
-from mla_convert.options import TrainSettings
+from mla_convert import Hooks, Options, TrainSettings, convert
 from mla_convert.write.writer import TMP_PREFIX
 
-from .test_source_text import build_text_model, documents, write_txt
+from .helpers import build_text_model, documents, write_txt
 
 TRAINED = dict(
     kv_budget=0.5,
@@ -38,9 +36,10 @@ def nested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return root, build_text_model(root), write_txt(root / "my-notes.txt", documents(200, seed=5))
 
 
-def convert(model: Path, text: Path, out: Path, hooks: Hooks | None = None, **settings: object) -> dict:
-    chosen = {**TRAINED, "calib_data": str(text), "train_data": str(text), **settings}
-    return run(str(model), out, Options(**chosen, train=TrainSettings(**TRAIN)), hooks)  # type: ignore[arg-type]
+def converted(model: Path, text: Path, out: Path, hooks: Hooks | None = None, **settings: object) -> dict:
+    """Convert and fine-tune on `text` (TRAINED, with `settings`, named as the flags, on top)."""
+    options = Options(**TRAINED, calib_data=str(text), train_data=str(text), train=TrainSettings(**TRAIN))
+    return convert(model, out, options, hooks=hooks, **settings)
 
 
 def leaks(out: Path, *needles: str) -> list[str]:
@@ -60,7 +59,7 @@ def forbidden(root: Path) -> tuple[str, ...]:
 def test_no_written_file_holds_a_local_path(nested: tuple[Path, Path, Path]) -> None:
     root, model, text = nested
     out = root / "published"
-    report = convert(model, text, out)
+    report = converted(model, text, out)
     assert leaks(out, *forbidden(root)) == []
     assert report["source"]["name"] == "llama_with_tokenizer" and "path" not in report["source"]
     data = text.read_bytes()
@@ -79,7 +78,7 @@ def test_an_unfinished_fine_tune_holds_no_local_path(nested: tuple[Path, Path, P
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        convert(model, text, out, Hooks(on_step=stop))
+        converted(model, text, out, Hooks(on_step=stop))
     assert list((out / ".finetune" / "checkpoints").glob("step-*")), "a training checkpoint should be kept"
     assert leaks(out, *forbidden(root)) == []
 
@@ -87,7 +86,7 @@ def test_an_unfinished_fine_tune_holds_no_local_path(nested: tuple[Path, Path, P
 def test_report_paths_puts_full_paths_in_the_report_only(nested: tuple[Path, Path, Path]) -> None:
     root, model, text = nested
     out = root / "with-paths"
-    report = convert(model, text, out, report_paths=True, finetune_steps=0, gguf=None, validate=False)
+    report = converted(model, text, out, report_paths=True, finetune_steps=0, gguf=None, validate=False)
     written = json.loads((out / "mla_report.json").read_text())
     assert written["source"]["path"] == str(model.resolve())
     assert written["texts"][0]["path"] == str(text.resolve()) and report["texts"] == written["texts"]

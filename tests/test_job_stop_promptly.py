@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli_bad_input import SUBPROCESS_TIMEOUT, temp_dirs
-from .test_job_interrupt import as_from_a_terminal
-from .test_source_text import documents, text_model, write_txt  # noqa: F401 (text_model is a fixture)
+from .helpers import SUBPROCESS_TIMEOUT, as_from_a_terminal, documents, temp_dirs, write_txt
 
 pytestmark = pytest.mark.slow  # the tool in processes of its own
 
@@ -133,7 +131,7 @@ def text(tmp_path: Path) -> Path:
     ],
 )
 def test_a_signal_inside_a_long_call_ends_the_run_within_3_s(
-    text_model,  # noqa: F811
+    text_model,
     text,
     tmp_path,
     started,
@@ -153,7 +151,7 @@ def test_a_signal_inside_a_long_call_ends_the_run_within_3_s(
 
 def test_sigterm_during_the_fine_tune_keeps_the_checkpoint_to_resume(
     cli,
-    text_model,  # noqa: F811
+    text_model,
     text,
     tmp_path,
     started,

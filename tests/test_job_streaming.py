@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from mla_convert import Options
 from mla_convert.conversion.driver import convert
-from mla_convert.job import Options
 from mla_convert.plan.plan import plan_for
 from mla_convert.source.checkpoint import Source, resolve
 from mla_convert.source.layers import SourceLayers
@@ -21,8 +21,7 @@ from mla_convert.util import resources
 from mla_convert.util.safetensors_io import HEADER_CAPACITY, SafetensorsError, ShardFile, TensorFile, read_header
 
 from .conftest import QUICK_CALIB
-from .test_cli_bad_input import one_line
-from .test_source_text import documents, text_model  # noqa: F401 (text_model is a fixture)
+from .helpers import documents, one_line
 
 SVD = ("--method", "svd", "--kv-budget", "0.5", "--finetune-steps", "0", "--no-validate", "-q")
 
@@ -284,7 +283,7 @@ def test_source_layers_built_one_at_a_time_compute_what_the_whole_model_does(
 
 def test_calibrating_on_a_file_streams_the_source_layer_by_layer(
     cli,
-    text_model: Path,  # noqa: F811 (the fixture imported above)
+    text_model: Path,
     tmp_path: Path,
     monkeypatch,
 ) -> None:

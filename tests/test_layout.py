@@ -17,6 +17,8 @@ PACKAGE = ROOT / "mla_convert"
 # the faces, and the low modules every stage reads (options, profiles, errors, hooks, progress)
 FACES = {"api", "cli", "options", "profiles", "job", "errors", "hooks", "progress"}
 MAX_TOP_LEVEL = 8  # modules beside __init__.py
+TESTS = ROOT / "tests"
+MAX_TEST_LINES = 500
 
 
 def lint_imports() -> subprocess.CompletedProcess[str]:
@@ -93,3 +95,20 @@ def test_what_the_hooks_receive_has_every_attribute_their_views_name() -> None:
         named = {name for name, member in vars(view).items() if isinstance(member, property)}
         fields = {f.name for f in dataclasses.fields(given)}
         assert named and named <= fields, (view.__name__, sorted(named - fields))
+
+
+def test_test_files_share_through_helpers_and_conftest_and_stay_short() -> None:
+    """No test file imports another (shared builders live in tests/helpers.py, shared fixtures in conftest.py),
+    none imports the job behind the API (they call mla_convert.convert, dry_run or the CLI), and none is long."""
+    for path in sorted(TESTS.glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= MAX_TEST_LINES, f"{path.name} is over {MAX_TEST_LINES} lines: split it"
+        modules = []
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                modules += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                modules += [f"{base}.{alias.name}" if base else alias.name for alias in node.names] + [base]
+        assert not [m for m in modules if any(part.startswith("test_") for part in m.split("."))], path.name
+        assert not [m for m in modules if m == "mla_convert.job" or m.startswith("mla_convert.job.")], path.name

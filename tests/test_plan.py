@@ -10,17 +10,7 @@ from mla_convert.errors import ConversionError
 from mla_convert.options import Options, check_options
 from mla_convert.plan.plan import make_plan
 
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-    vocab_size=49152,
-)
+from .helpers import SMOLLM2
 
 
 @pytest.mark.parametrize(("budget", "rope", "latent"), [(0.5, 64, 128), (0.25, 32, 64), (0.125, 16, 32)])

@@ -10,44 +10,15 @@ import shutil
 
 import pytest
 
-from mla_convert.job import Options, run
+from mla_convert import Options, convert
 from mla_convert.report.card import TAGS, model_card
 from mla_convert.report.report import source_facts
 from mla_convert.source.checkpoint import resolve
 
+from .helpers import front_matter
+
 CHEAP = {"verify": False, "method": "svd", "finetune_steps": 0, "validate": False}
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"
-
-
-def front_matter(card: str) -> dict:
-    """The card's YAML metadata, parsed with PyYAML when installed, else by hand (keys, scalars, lists)."""
-    assert card.startswith("---\n")
-    block = card[4 : card.index("\n---\n", 3)]
-    try:
-        import yaml
-    except ImportError:
-        return _parse_simple(block)
-    meta = yaml.safe_load(block)
-    assert isinstance(meta, dict)
-    return meta
-
-
-def _parse_simple(block: str) -> dict:
-    meta: dict = {}
-    key = None
-    for line in block.splitlines():
-        if line.startswith("- "):
-            assert key is not None and isinstance(meta[key], list), line
-            meta[key].append(_scalar(line[2:]))
-        else:
-            key, _, value = line.partition(":")
-            assert key and _ == ":", line
-            meta[key] = _scalar(value.strip()) if value.strip() else []
-    return meta
-
-
-def _scalar(text: str) -> str:
-    return json.loads(text) if text.startswith('"') else text
 
 
 def write_source(src, readme: str | None = None, **config_keys) -> None:
@@ -67,7 +38,7 @@ def hub_copy(tiny_models, tmp_path_factory):
     write_source(src, "---\nlicense: apache-2.0\nlanguage:\n- en\n---\n\n# SmolLM2\n", _name_or_path=HUB_ID)
     (root / "out").mkdir()
     out = root / "out" / "SmolLM2-135M-mla"
-    report = run(str(src), out, Options(**CHEAP))
+    report = convert(src, out, Options(**CHEAP))
     return src, out, report
 
 

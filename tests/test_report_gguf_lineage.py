@@ -11,8 +11,7 @@ import pytest
 
 from mla_convert.report.lineage import gguf_facts, hub_id_of
 
-from .test_report_card import front_matter
-from .test_source_gguf import write_llama_gguf
+from .helpers import front_matter, write_llama_gguf
 
 CHEAP = ("--no-verify", "--method", "svd", "--finetune-steps", "0", "--no-validate")
 

@@ -20,7 +20,7 @@ from mla_convert.report.report import Calibration, GgufSection
 from mla_convert.train.finetune import FinetuneSection
 
 from .conftest import QUICK_CALIB, build_moe
-from .test_source_text import build_text_model, documents, write_txt
+from .helpers import build_text_model, documents, write_txt
 
 NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 # maps whose keys are data (file names, model names), not schema

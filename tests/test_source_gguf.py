@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 
 import mla_convert.source.checkpoint as source_module
@@ -18,54 +15,7 @@ from mla_convert.errors import ConversionError
 from mla_convert.source.checkpoint import resolve
 from mla_convert.source.paths import check_output_path
 
-from .test_cli_bad_input import FAST, Untouched, one_line
-
-HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 96, 2, 4, 2, 128
-HEAD_DIM = HIDDEN // HEADS
-
-
-def write_llama_gguf(
-    path: Path, tied: bool = True, seed: int = 0, describe: Callable[[gguf.GGUFWriter], None] | None = None
-) -> Path:
-    """A float32 Llama GGUF named as llama.cpp names Llama tensors (shapes given in torch order); `describe`
-    adds metadata (general.license, general.base_model.*, ...)."""
-    rng = np.random.default_rng(seed)
-
-    def rand(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny llama")
-    if describe is not None:
-        describe(writer)
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(VOCAB)
-    writer.add_tensor("token_embd.weight", rand(VOCAB, HIDDEN))
-    for i in range(LAYERS):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(HIDDEN, np.float32))
-        writer.add_tensor(f"blk.{i}.attn_q.weight", rand(HEADS * HEAD_DIM, HIDDEN))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", rand(KV_HEADS * HEAD_DIM, HIDDEN))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", rand(KV_HEADS * HEAD_DIM, HIDDEN))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", rand(HIDDEN, HEADS * HEAD_DIM))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(HIDDEN, np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", rand(FFN, HIDDEN))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", rand(FFN, HIDDEN))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", rand(HIDDEN, FFN))
-    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
-    if not tied:
-        writer.add_tensor("output.weight", rand(VOCAB, HIDDEN))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+from .helpers import FAST, FFN, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, Untouched, one_line, write_llama_gguf
 
 
 def expected_parameters(tied: bool = True) -> int:

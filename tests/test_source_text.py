@@ -1,130 +1,46 @@
-"""Calibration and evaluation text: every input format end to end, the self-sampled fallback, the split between
-calibration and held-out text, and bad text input refused with one clear line.
+"""Calibration and evaluation text: every input format end to end, the self-sampled fallback, and the split between
+calibration and held-out text (bad text input is refused in tests/test_source_bad_text.py).
 
-The tiny models in conftest ship no tokenizer, so a module fixture builds one that does: a byte-level BPE trained
-offline on generated prose, wrapped in PreTrainedTokenizerFast and saved beside a tiny GQA Llama.
+The tiny models in conftest ship no tokenizer, so a module fixture (conftest.text_model) builds one that does: a
+byte-level BPE trained offline on generated prose, wrapped in PreTrainedTokenizerFast and saved beside a tiny GQA
+Llama.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
+from mla_convert import Options, convert
 from mla_convert.errors import ConversionError
-from mla_convert.job import Options, run
 from mla_convert.source.checkpoint import resolve
 from mla_convert.source.text import read_texts, split_windows, spread, text_sets, tokenize_windows
 
-from .conftest import COMMON, build_tiny
-from .helpers import messages
-from .test_cli_bad_input import Untouched, one_line, temp_dirs
+from .helpers import (
+    CALIB_TOKENS,
+    EVAL_TOKENS,
+    QUICK,
+    RANKS,
+    SEQ,
+    documents,
+    messages,
+    sentences,
+    temp_dirs,
+    write_jsonl,
+    write_parquet,
+    write_txt,
+)
 
-SEQ = 32
-CALIB_TOKENS = 500  # 15 whole windows of 32: the report must say 480
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WHOLE = CALIB_TOKENS // SEQ * SEQ
-EVAL_TOKENS = 96
-RANKS = ("--kv-rank", "12", "--rope-dim", "8", "--no-verify")
-QUICK = (
-    *RANKS,
-    "--calib-tokens",
-    str(CALIB_TOKENS),
-    "--calib-seq-len",
-    str(SEQ),
-    "--eval-tokens",
-    str(EVAL_TOKENS),
-    "--finetune-steps",
-    "0",
-)
-
-PROSE = (
-    "the model reads a long sentence about keys values and rotary positions while its cache stays small "
-    "every layer turns queries into latent vectors so that attention keeps quality at lower memory cost "
-    "river mountain garden window yellow quiet bright seven winter market"
-)
-WORDS = PROSE.split(" ")
 
 
-# ---------------------------------------------------------------- text and a model with a tokenizer
-
-
-def sentences(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(count)]
-
-
-def documents(count: int, seed: int, per_doc: int = 4) -> list[str]:
-    lines = sentences(count * per_doc, seed)
-    return [" ".join(lines[i : i + per_doc]) for i in range(0, len(lines), per_doc)]
-
-
-def write_txt(path: Path, docs: list[str]) -> Path:
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return path
-
-
-def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
-    path.write_text("".join(json.dumps({"id": i, column: d}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
-    return path
-
-
-def write_parquet(path: Path, docs: list[str], column: str = "text") -> Path:
-    pq.write_table(pa.table({"id": list(range(len(docs))), column: docs}), path)
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """Tiny models gain nothing from threads, and spinning threads crawl when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GQA Llama (4 heads, 2 KV heads, head_dim 16) with an offline byte-level BPE tokenizer."""
-    return build_text_model(tmp_path_factory.mktemp("text_model"))
-
-
-def build_text_model(parent: Path) -> Path:
-    """The tiny GQA Llama with its tokenizer, saved under `parent`; the same bytes on every call."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(documents(30, seed=99), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **{**COMMON, "vocab_size": len(tokenizer)},
-    )
-    root = parent / "llama_with_tokenizer"
-    build_tiny(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tokenizer(text_model: Path) -> object:
-    return AutoTokenizer.from_pretrained(str(text_model))
+# ---------------------------------------------------------------- counting tokens, converting with text
 
 
 def token_count(tokenizer: object, docs: list[str]) -> int:
@@ -143,15 +59,15 @@ def docs_with_tokens(tokenizer: object, low: int, high: int, seed: int = 5) -> l
     raise AssertionError("not enough words")
 
 
-def convert(model: Path, out: Path, **options: object) -> dict:
-    settings: dict = {
-        "calib_tokens": CALIB_TOKENS,
-        "calib_seq_len": SEQ,
-        "eval_tokens": EVAL_TOKENS,
-        "finetune_steps": 0,
-    }
-    settings.update(options)
-    run(str(model), out, Options(kv_rank=12, rope_dim=8, verify=False, **settings))
+QUICK_OPTIONS = Options(
+    kv_rank=12, rope_dim=8, verify=False, calib_tokens=CALIB_TOKENS, calib_seq_len=SEQ, eval_tokens=EVAL_TOKENS,
+    finetune_steps=0,
+)  # fmt: skip
+
+
+def converted(model: Path, out: Path, **flags: object) -> dict:
+    """Convert through the API with QUICK_OPTIONS, and `flags` (named as the command line's) on top."""
+    convert(model, out, QUICK_OPTIONS, **flags)
     return json.loads((out / "mla_report.json").read_text())
 
 
@@ -178,7 +94,7 @@ def test_calibration_format(text_model: Path, tokenizer: object, tmp_path: Path,
     assert token_count(tokenizer, docs) > 2 * WHOLE  # room for the calibration windows and a held-out tail
     data = write(tmp_path, docs, column)
     assert data.suffix == suffix
-    report = convert(text_model, tmp_path / "out", calib_data=str(data), text_column=column)
+    report = converted(text_model, tmp_path / "out", calib_data=str(data), text_column=column)
     assert_calibrated(report, data.name, WHOLE)
     evaluation = report["evaluation"]
     assert evaluation is not None
@@ -216,12 +132,12 @@ def test_eval_data_leaves_the_whole_calibration_file_for_calibration(
     data = write_txt(tmp_path / "calib.txt", docs_with_tokens(tokenizer, WHOLE, WHOLE + SEQ))
     held = write_txt(tmp_path / "eval.txt", documents(10, seed=2))
 
-    with_eval = convert(text_model, tmp_path / "with_eval", calib_data=str(data), eval_data=str(held))
+    with_eval = converted(text_model, tmp_path / "with_eval", calib_data=str(data), eval_data=str(held))
     assert_calibrated(with_eval, data.name, WHOLE)
     assert with_eval["evaluation"]["text"] == held.name
     assert [w[:12] for w in with_eval["warnings"]] == ["vLLM refuses"]  # the width, not the text
 
-    alone = convert(text_model, tmp_path / "alone", calib_data=str(data))
+    alone = converted(text_model, tmp_path / "alone", calib_data=str(data))
     windows = WHOLE // SEQ
     assert_calibrated(alone, data.name, (windows - windows // 5) * SEQ)
     assert alone["evaluation"]["text"] == f"{data.name} (held-out tail)"
@@ -255,7 +171,7 @@ def test_single_window_file_calibrates_and_samples_the_evaluation(
     text_model: Path, tokenizer: object, tmp_path: Path
 ) -> None:
     data = write_txt(tmp_path / "one_window.txt", docs_with_tokens(tokenizer, SEQ, 2 * SEQ))
-    report = convert(text_model, tmp_path / "out", calib_data=str(data))
+    report = converted(text_model, tmp_path / "out", calib_data=str(data))
     assert_calibrated(report, data.name, SEQ)
     assert any(f"fewer than the {WHOLE} asked for" in w for w in report["warnings"])
     assert report["evaluation"]["text"] == "sampled from the source (separate seed)"
@@ -270,7 +186,7 @@ SAMPLED = {"calib_tokens": 256, "calib_seq_len": SEQ, "eval_tokens": 64}
 def test_sampled_fallback_without_tokenizer(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     model = tiny_models["llama_gqa_tied"]
     assert not (model / "tokenizer.json").exists() and not (model / "tokenizer_config.json").exists()
-    report = convert(model, tmp_path / "out", **SAMPLED)
+    report = converted(model, tmp_path / "out", **SAMPLED)
     assert_calibrated(report, "sampled from the source", 256)
     assert any("no --calib-data" in w and "sampled from the source model" in w for w in report["warnings"])
     assert report["evaluation"]["text"] == "sampled from the source (separate seed)"
@@ -282,7 +198,7 @@ def test_sampled_fallback_is_deterministic(cli, tiny_models: dict[str, Path], tm
     first = cli(model, tmp_path / "a", flags)
     assert first.exit_code == 0, first.output
     assert any(line.startswith("warning: no --calib-data") for line in first.stderr.splitlines()), first.stderr
-    convert(model, tmp_path / "b", **SAMPLED)  # seed 0 too, through the job directly
+    converted(model, tmp_path / "b", **SAMPLED)  # seed 0 too, through the API
     other = cli(model, tmp_path / "c", flags, "--seed", 1)
     assert other.exit_code == 0, other.output
 
@@ -377,145 +293,3 @@ def test_jsonl_nulls_are_skipped(tmp_path: Path) -> None:
     data = tmp_path / "calib.jsonl"
     data.write_text('{"text": null}\n\n{"text": "kept"}\n{"text": "  "}\n', encoding="utf-8")
     assert read_texts(str(data)) == ["kept"]
-
-
-# ---------------------------------------------------------------- bad calibration input via the CLI
-
-
-def _file(name: str, content: bytes | str) -> Callable[[Path], Path]:
-    def make(tmp_path: Path) -> Path:
-        path = tmp_path / name
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
-        return path
-
-    return make
-
-
-def _missing(name: str) -> Callable[[Path], Path]:
-    return lambda tmp_path: tmp_path / "no-such-dir" / name
-
-
-def _parquet(name: str, table: dict) -> Callable[[Path], Path]:
-    def make(tmp_path: Path) -> Path:
-        pq.write_table(pa.table(table), tmp_path / name)
-        return tmp_path / name
-
-    return make
-
-
-def _directory(tmp_path: Path) -> Path:
-    (tmp_path / "texts").mkdir()
-    return tmp_path / "texts"
-
-
-GOOD_JSON = '{"id": 1, "text": "fine"}\n'
-BAD_DATA: list[tuple[str, Callable[[Path], Path], tuple[str, ...]]] = [
-    ("missing-txt", _missing("calib.txt"), ("text data file not found", "no-such-dir/calib.txt")),
-    ("missing-jsonl", _missing("calib.jsonl"), ("text data file not found", "calib.jsonl")),
-    ("missing-parquet", _missing("calib.parquet"), ("text data file not found", "calib.parquet")),
-    ("missing-no-suffix", _missing("calib"), ("text data file not found", "no-such-dir/calib")),
-    ("directory", _directory, ("must be a file", "got a directory")),
-    ("empty-txt", _file("empty.txt", ""), ("empty.txt holds no text",)),
-    ("whitespace-txt", _file("blank.txt", " \n\t\n   \n"), ("blank.txt holds no text",)),
-    ("blank-lines-jsonl", _file("blank.jsonl", "\n  \n"), ("blank.jsonl holds no text",)),
-    ("empty-strings-jsonl", _file("empty.jsonl", '{"text": ""}\n{"text": " "}\n'), ("empty.jsonl holds no text",)),
-    ("not-utf8-txt", _file("latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1")), ("latin1.txt is not UTF-8 text",)),
-    ("not-utf8-jsonl", _file("latin1.jsonl", b'{"text": "caf\xe9"}\n'), ("latin1.jsonl is not UTF-8 text",)),
-    (
-        "jsonl-wrong-field",
-        _file("calib.jsonl", GOOD_JSON + GOOD_JSON + '{"id": 3, "content": "x", "lang": "en"}\n'),
-        ("calib.jsonl line 3 has no 'text' field", "(it has: id, content, lang)"),
-    ),
-    ("jsonl-not-object", _file("calib.jsonl", '["a", "b"]\n'), ("calib.jsonl line 1 has no 'text' field", "list")),
-    (
-        "jsonl-invalid-line",
-        _file("calib.jsonl", GOOD_JSON + '{"text": "oops",}\n'),
-        ("calib.jsonl line 2 is not valid JSON",),
-    ),
-    (
-        "parquet-no-column",
-        _parquet("calib.parquet", {"id": [1, 2], "content": ["a", "b"]}),
-        ("calib.parquet has no column 'text'", "(it has: id, content)"),
-    ),
-    (
-        "parquet-garbage",
-        _file("calib.parquet", b"PAR1 not really\n"),
-        ("calib.parquet is not a readable parquet file",),
-    ),
-    (
-        "parquet-only-nulls",
-        _parquet("calib.parquet", {"text": pa.array([None, None], pa.string())}),
-        ("calib.parquet holds no text",),
-    ),
-    (
-        "csv",
-        _file("calib.csv", "text\nhello\n"),
-        ("unsupported text data format '.csv'", "use .txt, .jsonl or .parquet"),
-    ),
-    ("too-short", _file("short.txt", "Tiny.\n"), ("short.txt holds fewer than 32 tokens, not one calibration window",)),
-]
-
-
-@pytest.fixture
-def refuse(cli, tmp_path: Path) -> Callable[..., str]:
-    """Run the CLI expecting a clean refusal; checks MODEL_IN/MODEL_OUT untouched and no temp dir left."""
-
-    def check(model_in: Path, *args: object, fragments: tuple[str, ...]) -> str:
-        model_out = tmp_path / "model_out"
-        guard = Untouched(model_in, model_out)
-        line = one_line(cli(model_in, model_out, *args), *fragments)
-        guard.check()
-        return line
-
-    return check
-
-
-@pytest.mark.parametrize(("make", "fragments"), [c[1:] for c in BAD_DATA], ids=[c[0] for c in BAD_DATA])
-def test_bad_calib_data(refuse, text_model: Path, tmp_path: Path, make, fragments) -> None:
-    refuse(text_model, QUICK, "--calib-data", make(tmp_path), fragments=fragments)
-
-
-def test_bad_eval_data(refuse, text_model: Path, tmp_path: Path) -> None:
-    calib = write_txt(tmp_path / "calib.txt", documents(40, seed=1))
-    held = _file("eval.jsonl", '{"content": "x"}\n')(tmp_path)
-    fragments = ("eval.jsonl line 1 has no 'text' field", "(it has: content)")
-    refuse(text_model, QUICK, "--calib-data", calib, "--eval-data", held, fragments=fragments)
-    short = _file("eval.txt", "Tiny.\n")(tmp_path)
-    fragments = (f"--eval-data {short} holds fewer than 32 tokens",)
-    refuse(text_model, QUICK, "--calib-data", calib, "--eval-data", short, fragments=fragments)
-
-
-def test_text_column_missing(refuse, text_model: Path, tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "calib.jsonl", documents(4, seed=1))
-    fragments = ("calib.jsonl line 1 has no 'body' field", "(it has: id, text)")
-    refuse(text_model, QUICK, "--calib-data", data, "--text-column", "body", fragments=fragments)
-
-
-LENGTH_CASES: list[tuple[str, tuple[object, ...], tuple[str, ...]]] = [
-    (
-        "seq-len-beyond-context",
-        ("--calib-seq-len", 1024, "--calib-tokens", 2048),
-        ("--calib-seq-len 1024 is longer than the model's context (512)",),
-    ),
-    ("seq-len-tiny", ("--calib-seq-len", 8), ("--calib-seq-len must be at least 16, got 8",)),
-    (
-        "tokens-below-one-window",
-        ("--calib-seq-len", 64, "--calib-tokens", 63),
-        ("--calib-tokens 63 is less than one window of --calib-seq-len 64",),
-    ),
-]
-
-
-@pytest.mark.parametrize("with_data", [True, False], ids=["with-calib-data", "sampled"])
-@pytest.mark.parametrize(("flags", "fragments"), [c[1:] for c in LENGTH_CASES], ids=[c[0] for c in LENGTH_CASES])
-def test_bad_lengths(refuse, text_model: Path, tmp_path: Path, flags, fragments, with_data: bool) -> None:
-    data = ("--calib-data", write_txt(tmp_path / "calib.txt", documents(40, seed=1))) if with_data else ()
-    refuse(text_model, RANKS, data, flags, fragments=fragments)
-
-
-def test_text_data_for_model_without_tokenizer(refuse, tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    model = tiny_models["llama_gqa_tied"]
-    data = write_txt(tmp_path / "calib.txt", documents(10, seed=1))
-    refuse(model, QUICK, "--calib-data", data, fragments=("has no tokenizer", "omit --calib-data"))
-    line = refuse(model, QUICK, "--method", "svd", "--eval-data", data, fragments=("has no tokenizer",))
-    assert line.endswith("omit --eval-data")

@@ -16,16 +16,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
+from mla_convert import Hooks, Options, TrainSettings, convert
 from mla_convert.errors import ConversionError
-from mla_convert.job import Hooks, Options, run
 from mla_convert.mla.latent_norm import SAFETY
-from mla_convert.options import TrainSettings
 from mla_convert.train import checkpoints, distill
 from mla_convert.train.finetune import PENDING, STATE_DIR
 
 from .conftest import COMMON, build_tiny
-from .helpers import load, messages
-from .test_source_text import documents, text_model, write_txt  # noqa: F401  (text_model is a fixture)
+from .helpers import documents, load, messages, write_txt
 
 STEPS = 12
 TRAIN = TrainSettings(lr=3e-3, warmup_steps=2, batch_size=8, micro_batch_size=4, seq_len=32)
@@ -144,7 +142,7 @@ def test_trained_latent_stays_in_the_epsilon_regime(trained) -> None:
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(peaky: Path, tmp_path: Path) -> None:
     whole = tmp_path / "whole"
-    run(str(peaky), whole, options(save_every=2))
+    convert(peaky, whole, options(save_every=2))
 
     def stop_after_five(info: distill.StepInfo) -> None:
         if info.step == 5:  # after the checkpoints of steps 2 and 4
@@ -152,7 +150,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(peaky: Path, tmp_path:
 
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        run(str(peaky), part, options(save_every=2), Hooks(on_step=stop_after_five))
+        convert(peaky, part, options(save_every=2), hooks=Hooks(on_step=stop_after_five))
     # MODEL_OUT holds the converted model from before training, and the checkpoints of steps 2 and 4
     assert PENDING in json.loads((part / "mla_report.json").read_text())["warnings"]
     saved = checkpoints.all_checkpoints(part / STATE_DIR / "checkpoints")
@@ -160,15 +158,15 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(peaky: Path, tmp_path:
     load(part)
 
     with pytest.raises(ConversionError, match="different settings"):
-        run(str(peaky), part, options(save_every=2, resume=True, train=TrainSettings(**{**vars(TRAIN), "lr": 1e-3})))
-    report = run(str(peaky), part, options(save_every=2, resume=True))
+        convert(peaky, part, options(save_every=2, resume=True), lr=1e-3)
+    report = convert(peaky, part, options(save_every=2, resume=True))
     assert report["finetune"]["resumed_from"] == 4
     expected = json.loads((whole / "mla_report.json").read_text())["finetune"]["losses"]
     assert report["finetune"]["losses"] == expected
     a, b = weights(whole), weights(part)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     with pytest.raises(ConversionError, match="holds no unfinished fine-tune"):  # it has finished
-        run(str(peaky), part, options(save_every=2, resume=True))
+        convert(peaky, part, options(save_every=2, resume=True))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, peaky: Path, tmp_path: Path, monkeypatch) -> None:
@@ -216,7 +214,7 @@ def test_bad_training_input_is_one_line_and_writes_nothing(cli, peaky, tmp_path,
         (lambda d: write_txt(d / "short.txt", ["a few words"]), ("--train-data", "holds fewer than 32 tokens")),
     ],
 )
-def test_bad_training_text_is_one_line_and_writes_nothing(cli, text_model, tmp_path, make, fragment) -> None:  # noqa: F811
+def test_bad_training_text_is_one_line_and_writes_nothing(cli, text_model, tmp_path, make, fragment) -> None:
     out = tmp_path / "out"
     result = cli(text_model, out, FLAGS, "--train-data", make(tmp_path))
     assert result.exit_code == 2, result.output
@@ -225,7 +223,7 @@ def test_bad_training_text_is_one_line_and_writes_nothing(cli, text_model, tmp_p
     assert not out.exists() and not list(tmp_path.glob(".mla-convert-tmp-*"))
 
 
-def test_training_text_never_includes_the_held_out_text(text_model, tmp_path) -> None:  # noqa: F811
+def test_training_text_never_includes_the_held_out_text(text_model, tmp_path) -> None:
     from mla_convert.source.checkpoint import resolve
     from mla_convert.source.text import read_texts, text_sets, tokenize_windows
 
@@ -318,9 +316,8 @@ def test_interrupted_fine_tune_says_how_to_resume(cli, peaky: Path, tmp_path: Pa
 
 
 def test_gradient_checkpointing_saves_memory_without_changing_the_result(peaky: Path, tmp_path: Path) -> None:
-    plain = run(str(peaky), tmp_path / "plain", options())
-    checkpointed = TrainSettings(**{**vars(TRAIN), "gradient_checkpointing": True})
-    recomputed = run(str(peaky), tmp_path / "recomputed", options(train=checkpointed))
+    plain = convert(peaky, tmp_path / "plain", options())
+    recomputed = convert(peaky, tmp_path / "recomputed", options(), gradient_checkpointing=True)
     assert recomputed["finetune"]["losses"] == pytest.approx(plain["finetune"]["losses"], rel=1e-5)
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "recomputed")
     for name in a:
@@ -329,8 +326,8 @@ def test_gradient_checkpointing_saves_memory_without_changing_the_result(peaky: 
 
 def test_train_all_updates_the_whole_model(peaky: Path, tmp_path: Path) -> None:
     before = tmp_path / "before"
-    run(str(peaky), before, options(finetune_steps=0))
-    run(str(peaky), tmp_path / "all", options(train=TrainSettings(**{**vars(TRAIN), "scope": "all"})))
+    convert(peaky, before, options(finetune_steps=0))
+    convert(peaky, tmp_path / "all", options(), train="all")
     old, new = weights(before), weights(tmp_path / "all")
     changed = {name for name in old if not torch.equal(old[name], new[name])}
     for part in ("mlp.down_proj", "mlp.gate_proj", "embed_tokens", "lm_head", "input_layernorm", "kv_b_proj"):

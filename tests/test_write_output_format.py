@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config
 
-from mla_convert.job import Options, run
+from mla_convert import Options, convert
 from mla_convert.util.hf_compat import output_cache
 
 from .conftest import QUICK_CALIB
@@ -19,7 +19,7 @@ from .helpers import load, random_ids
 @pytest.fixture(scope="module")
 def portable_out(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("fmt") / "out"
-    report = run(str(tiny_models["llama_gqa_tied"]), out, Options(**QUICK_CALIB))
+    report = convert(tiny_models["llama_gqa_tied"], out, Options(**QUICK_CALIB))
     return out, report
 
 
@@ -137,8 +137,8 @@ def test_model_card_states_source_settings_saving_and_errors(portable_out, tiny_
 
 def test_sharded_output_has_an_index_and_loads(tiny_models, tmp_path):
     out = tmp_path / "out"
-    run(
-        str(tiny_models["llama_gqa_tied"]),
+    convert(
+        tiny_models["llama_gqa_tied"],
         out,
         Options(verify=False, method="svd", max_shard_size=40_000, finetune_steps=0),
     )
@@ -156,6 +156,6 @@ def test_tokenizer_and_generation_config_are_copied(tiny_models, tmp_path):
     shutil.copytree(tiny_models["llama_gqa_tied"], src)
     (src / "tokenizer_config.json").write_text('{"model_max_length": 512}')
     out = tmp_path / "out"
-    run(str(src), out, Options(verify=False, method="svd", finetune_steps=0))
+    convert(src, out, Options(verify=False, method="svd", finetune_steps=0))
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 512}'
     assert (out / "generation_config.json").is_file()
