@@ -17,6 +17,7 @@ import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from mla_convert.report import report as report_module
 from mla_convert.write.writer import TMP_PREFIX
 
 from .conftest import COMMON, build_tiny
@@ -322,3 +324,40 @@ def _parse_simple(block: str) -> dict:
 
 def _scalar(text: str) -> str:
     return json.loads(text) if text.startswith('"') else text
+
+
+# The report's keys against its schema
+NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+# maps whose keys are data (file names, model names), not schema
+DATA_KEYS = {"files", "outputs", "correct"}
+
+
+def schema_words() -> set[str]:
+    """The words of the report schema written at the top of report/report.py."""
+    assert report_module.__doc__ is not None
+    return set(re.findall(NAME, report_module.__doc__))
+
+
+def key_paths(value: Any, path: str = "") -> set[str]:
+    """Every key path of a report, with the keys of data maps (a model's name, a file's) left out."""
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found.add(f"{path}.{key}")
+            if key in DATA_KEYS:
+                continue
+            if key == "models" and isinstance(inner, dict):  # {model name: figures}
+                for figures in inner.values():
+                    found |= key_paths(figures, f"{path}.models.*")
+                continue
+            found |= key_paths(inner, f"{path}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            found |= key_paths(item, f"{path}[]")
+    return found
+
+
+def undocumented(report: dict[str, Any]) -> list[str]:
+    """The key paths of `report` whose key the schema does not name (tests/test_report_schema.py)."""
+    words = schema_words()
+    return sorted(p for p in key_paths(report) if p.rpartition(".")[2] not in words)

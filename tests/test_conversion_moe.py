@@ -18,7 +18,7 @@ from mla_convert.mla.routing import renormalization_scale
 from mla_convert.source.families import family_for
 
 from .conftest import COMMON, MOE_CONFIGS, QUICK_CALIB, build_moe
-from .helpers import load
+from .helpers import load, undocumented
 
 RENORMALIZE = {"mixtral": True, "qwen3_moe": True, "olmoe": False}
 
@@ -45,6 +45,8 @@ def test_moe_source_converts_to_the_stock_class_that_routes_like_it(
 ) -> None:
     out = tmp_path / name
     report = convert(moe_models[name], out, Options(target="transformers", **QUICK_CALIB))
+    assert report["verification"]["routing_agreement_per_layer"] and report["source"]["experts"]
+    assert undocumented(report) == []  # every key a MoE report holds is in report.py's schema
     model = load(out)  # stock class, no trust_remote_code
     assert type(model).__name__ == "DeepseekV2ForCausalLM" == report["settings"]["target_class"]
     config = json.loads((out / "config.json").read_text())

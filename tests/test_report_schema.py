@@ -1,13 +1,12 @@
 """The schema of mla_report.json written at the top of report/report.py stays the truth: every key a real
 report holds, and every field of the typed sections the stages return, is named there (a key added to the
-code and not to the schema, as routing_agreement once was, fails here)."""
+code and not to the schema, as routing_agreement once was, fails here). The MoE reports are checked where
+tests/test_conversion_moe.py makes them."""
 
 from __future__ import annotations
 
-import re
 import typing
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,45 +14,10 @@ import pytest
 import mla_convert
 from mla_convert.evaluate.long_context import LongEval
 from mla_convert.evaluate.validation import Evaluation, ModelRow, ValidationSection
-from mla_convert.report import report as report_module
 from mla_convert.report.report import Calibration, GgufSection
 from mla_convert.train.finetune import FinetuneSection
 
-from .conftest import QUICK_CALIB, build_moe
-from .helpers import build_text_model, documents, write_txt
-
-NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-# maps whose keys are data (file names, model names), not schema
-DATA_KEYS = {"files", "outputs", "correct"}
-
-
-def schema_words() -> set[str]:
-    assert report_module.__doc__ is not None
-    return set(re.findall(NAME, report_module.__doc__))
-
-
-def key_paths(value: Any, path: str = "") -> set[str]:
-    """Every key path of a report, with the keys of data maps (a model's name, a file's) left out."""
-    found: set[str] = set()
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            found.add(f"{path}.{key}")
-            if key in DATA_KEYS:
-                continue
-            if key == "models" and isinstance(inner, dict):  # {model name: figures}
-                for figures in inner.values():
-                    found |= key_paths(figures, f"{path}.models.*")
-                continue
-            found |= key_paths(inner, f"{path}.{key}")
-    elif isinstance(value, list):
-        for item in value:
-            found |= key_paths(item, f"{path}[]")
-    return found
-
-
-def undocumented(report: dict[str, Any]) -> list[str]:
-    words = schema_words()
-    return sorted(p for p in key_paths(report) if p.rpartition(".")[2] not in words)
+from .helpers import build_text_model, documents, schema_words, undocumented, write_txt
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +38,6 @@ def test_every_key_of_a_healed_report_is_in_the_schema(healed_report: dict[str, 
         assert healed_report[section], section  # the case really fills what it is meant to check
     assert "far_attn_output_error" in healed_report["layers"][0]
     assert undocumented(healed_report) == []
-
-
-def test_every_key_of_a_moe_report_is_in_the_schema(tmp_path: Path) -> None:
-    build_moe("mixtral").save_pretrained(tmp_path / "mixtral")
-    # validation's keys are the dense case's; here what only a MoE report holds (experts, routing, expert mix)
-    report = mla_convert.convert(tmp_path / "mixtral", tmp_path / "out", kv_budget=0.5, validate=False, **QUICK_CALIB)
-    assert report["verification"]["routing_agreement_per_layer"] and report["source"]["experts"]
-    assert undocumented(report) == []
 
 
 @pytest.mark.parametrize(
