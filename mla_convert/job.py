@@ -32,7 +32,7 @@ from .options import Options, TrainSettings, check_context, finetune_defaults, m
 from .plan.long_eval import LongEvalPlan, long_eval_plan
 from .plan.plan import Plan, plan_for, structurally_lossless
 from .plan.preview import CARD_MEMORY, describe, finetune_line, finetune_summary, long_context
-from .plan.serving import engine_verdicts, engine_warnings
+from .plan.serving import Verdict, engine_verdicts, engine_warnings
 from .profiles import method
 from .report import plots
 from .report.report import Calibration, Outcome, Report, healed_report, layer_rows, source_facts, write_report
@@ -143,14 +143,15 @@ def _convert(setup: Setup, model_out: Path, hooks: Hooks, started: float) -> dic
         long_eval = validated.long_eval.as_dict() if validated.long_eval is not None else None
         drawn = plots.draw(tmp, layer_rows(layers), long_eval, None, None)
         outcome = Outcome(verification, validated, None, drawn, gguf, resources.usage(started))
+        found = engine_verdicts(plan, options.gguf)
         report = Report(
             source_label=source.label,
             plan=plan,
             layers=layers,
             outcome=outcome,
-            warnings=_warnings(setup, plan, texts, gguf, whole_fit),
+            warnings=_warnings(setup, plan, found, texts, gguf, whole_fit),
             calibration=_calibration(plan, texts),
-            engines=[v.as_dict() for v in engine_verdicts(plan, options.gguf)],
+            engines=[v.as_dict() for v in found],
             source_facts=source_facts(source),
             texts=[f.as_dict(options.report_paths) for f in texts.files] if texts is not None else [],
             report_paths=options.report_paths,
@@ -305,10 +306,12 @@ def _gguf(tmp: Path, model_out: Path, source: Source, options: Options, hooks: H
     return gguf_beside(tmp, model_out.name, options.gguf, source.gguf_path)
 
 
-def _warnings(setup: Setup, plan: Plan, texts: TextSets | None, gguf: Any, whole_fit: bool) -> list[str]:
+def _warnings(
+    setup: Setup, plan: Plan, verdicts: list[Verdict], texts: TextSets | None, gguf: Any, whole_fit: bool
+) -> list[str]:
     """Everything the report and the card warn about, in the order the stages found it."""
     options = setup.options
-    found = list(plan.warnings) + engine_warnings(engine_verdicts(plan, options.gguf))
+    found = list(plan.warnings) + engine_warnings(verdicts)
     if gguf is not None:
         found += gguf["warnings"]
     if options.calib_data and not setup.calibrates:
